@@ -1,0 +1,337 @@
+"""The on-disk shard format, version 1 (DESIGN.md, "Shards").
+
+A shard directory `<dump_to>/<hash>/` holds `metadata.json`, `shards.json`, `acts%06d.bin` files of
+shape `[examples, layers, tokens, d_model]` and `examples.jsonl`. This module is the only place
+that knows file names and layouts: writers (`record.py`, `saev.synthetic`) and readers (the
+loaders) both go through it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+
+import numpy as np
+
+FORMAT = "saev-shards"
+VERSION = 1
+METADATA_NAME = "metadata.json"
+SHARDS_NAME = "shards.json"
+EXAMPLES_NAME = "examples.jsonl"
+LOCK_NAME = ".lock"
+
+# numpy has no bfloat16; bfloat16 shards are stored as their raw 16-bit patterns (the upper half
+# of a float32) and read back as uint16 views that `to_float32` widens.
+DTYPE_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+NUMPY_STORAGE_DTYPE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+
+
+class ShardError(Exception):
+    """A shard directory is missing, incomplete or inconsistent. The message says how to fix it."""
+
+
+def shard_name(i: int) -> str:
+    return f"acts{i:06d}.bin"
+
+
+@dataclasses.dataclass(frozen=True)
+class Metadata:
+    """Everything a reader needs to interpret the `.bin` files (`metadata.json`)."""
+
+    model: dict
+    """`{"family": ..., "ckpt": ...}` of the ViT that produced the activations."""
+    layers: tuple[int, ...]
+    """Recorded layers as the user gave them (negative indices count from the end)."""
+    cls_token: bool
+    """Whether token 0 of each example is the CLS token."""
+    n_patches_per_example: int
+    d_model: int
+    dtype: str
+    """"float32", "float16" or "bfloat16"."""
+    n_examples: int
+    examples_per_shard: int
+    data: dict
+    """JSON description of the image dataset (name, root, split, ...). Never a pickle."""
+
+    def __post_init__(self):
+        if self.dtype not in DTYPE_ITEMSIZE:
+            raise ShardError(f"dtype '{self.dtype}' is not one of {sorted(DTYPE_ITEMSIZE)}.")
+        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+
+    @property
+    def n_tokens_per_example(self) -> int:
+        return self.n_patches_per_example + int(self.cls_token)
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def bytes_per_example(self) -> int:
+        return self.n_layers * self.n_tokens_per_example * self.d_model * DTYPE_ITEMSIZE[self.dtype]
+
+    def content_hash(self) -> str:
+        """sha256 of the fields that decide the content; names the shard directory."""
+        fields = {
+            "model": self.model,
+            "layers": list(self.layers),
+            "cls_token": self.cls_token,
+            "n_patches_per_example": self.n_patches_per_example,
+            "dtype": self.dtype,
+            "data": self.data,
+        }
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["layers"] = list(self.layers)
+        d["n_tokens_per_example"] = self.n_tokens_per_example
+        return {"format": FORMAT, "version": VERSION, **d}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Metadata:
+        if d.get("format") != FORMAT or d.get("version") != VERSION:
+            raise ShardError(
+                f"unknown shard format {d.get('format')!r} version {d.get('version')!r}; "
+                f"this saev reads '{FORMAT}' version {VERSION} (and the public saev's protocol 2.1)."
+            )
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = names - d.keys()
+        if missing:
+            raise ShardError(f"metadata.json lacks {sorted(missing)}; re-record the shards.")
+        return cls(**{k: d[k] for k in names})
+
+    def layer_index(self, layer: int) -> int:
+        """Position of `layer` (as recorded) along the layers axis of the `.bin` files."""
+        if layer not in self.layers:
+            raise ShardError(f"layer {layer} was not recorded; these shards hold layers {list(self.layers)}.")
+        return self.layers.index(layer)
+
+
+def write_json_atomic(path: pathlib.Path, obj) -> None:
+    """Write JSON so that readers see the old file or the new one, never half of either."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as fd:
+        json.dump(obj, fd, indent=2)
+        fd.flush()
+        os.fsync(fd.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(path: pathlib.Path):
+    try:
+        with open(path) as fd:
+            return json.load(fd)
+    except FileNotFoundError:
+        raise ShardError(f"{path} does not exist; is this a shard directory written by record.py?") from None
+    except json.JSONDecodeError as err:
+        raise ShardError(f"{path} is not valid JSON ({err}); the shard directory is corrupt.") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardFile:
+    path: pathlib.Path
+    n_examples: int
+    first_example: int
+    """Global index of this file's first example."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSet:
+    """A validated, read-only view of a shard directory (ours, or the public saev's)."""
+
+    root: pathlib.Path
+    metadata: Metadata
+    files: tuple[ShardFile, ...]
+
+    @property
+    def n_examples(self) -> int:
+        return sum(f.n_examples for f in self.files)
+
+    def memmap(self, i: int) -> np.memmap:
+        """Shard `i` as a read-only `[n_examples, n_layers, n_tokens, d_model]` array in storage dtype."""
+        md, f = self.metadata, self.files[i]
+        shape = (f.n_examples, md.n_layers, md.n_tokens_per_example, md.d_model)
+        return np.memmap(f.path, dtype=NUMPY_STORAGE_DTYPE[md.dtype], mode="r", shape=shape)
+
+
+def open_shards(root: str | os.PathLike, *, strict_sizes: bool = True) -> ShardSet:
+    """Open and validate a shard directory of format version 1.
+
+    Checks that every file in `shards.json` exists with exactly the size its example count implies,
+    so a bad directory fails here, before any training step.
+    """
+    root = pathlib.Path(root)
+    if not root.is_dir():
+        raise ShardError(f"shard directory {root} does not exist; pass the path record.py printed.")
+    md = Metadata.from_json(read_json(root / METADATA_NAME))
+    listing = read_json(root / SHARDS_NAME)
+    files, start = [], 0
+    for entry in listing:
+        path = root / entry["name"]
+        n = int(entry["n_examples"])
+        if not path.is_file():
+            raise ShardError(f"{path} is listed in shards.json but missing; re-run the same record.py command.")
+        expected = n * md.bytes_per_example
+        if strict_sizes and path.stat().st_size != expected:
+            raise ShardError(
+                f"{path} has {path.stat().st_size} bytes but shards.json implies {expected} "
+                f"({n} examples); the file is truncated or corrupt, re-record it."
+            )
+        files.append(ShardFile(path, n, start))
+        start += n
+    return ShardSet(root, md, tuple(files))
+
+
+def to_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """Widen stored activations (any of the three dtypes) to float32."""
+    if dtype == "bfloat16":
+        return (arr.astype(np.uint32) << 16).view(np.float32)
+    return arr.astype(np.float32, copy=False)
+
+
+def from_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
+    """Narrow float32 activations to the storage representation of `dtype` (round to nearest even)."""
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if dtype == "bfloat16":
+        bits = arr.view(np.uint32)
+        rounding = ((bits >> 16) & 1) + 0x7FFF
+        return ((bits + rounding) >> 16).astype(np.uint16)
+    return arr.astype(NUMPY_STORAGE_DTYPE[dtype])
+
+
+class ShardWriter:
+    """Appends examples to `<dump_to>/<hash>/`: exclusive (a lock), atomic per shard, resumable.
+
+    Each shard is written to a temporary name, fsynced and renamed; only then are its examples
+    appended to `examples.jsonl` and the shard registered in `shards.json` (replaced atomically).
+    `shards.json` is the truth: on open, anything past it (a renamed but unregistered shard, extra
+    `examples.jsonl` lines, temporary files) is discarded, and `n_done` says where to resume.
+    """
+
+    def __init__(self, dump_to: str | os.PathLike, metadata: Metadata):
+        import fcntl
+
+        self.metadata = metadata
+        self.root = pathlib.Path(dump_to) / metadata.content_hash()
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._lock_fd = open(self.root / LOCK_NAME, "a+")
+        except OSError as err:
+            raise ShardError(f"cannot write to dump_to={dump_to} ({err.strerror}); choose a writable directory.") from None
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_fd.close()
+            raise ShardError(
+                f"another process is writing to {self.root}; wait for it to finish (or kill it) and re-run."
+            ) from None
+        self._recover()
+        self._buffer = np.empty(
+            (metadata.examples_per_shard, metadata.n_layers, metadata.n_tokens_per_example, metadata.d_model),
+            dtype=NUMPY_STORAGE_DTYPE[metadata.dtype],
+        )
+        self._buffered_examples: list[dict] = []
+
+    def _recover(self) -> None:
+        md_path = self.root / METADATA_NAME
+        if md_path.exists():
+            existing = read_json(md_path)
+            if existing != self.metadata.to_json():
+                raise ShardError(
+                    f"{md_path} disagrees with this run's settings; the directory is corrupt or from another "
+                    "saev version: move it away and re-run."
+                )
+        else:
+            write_json_atomic(md_path, self.metadata.to_json())
+        shards_path = self.root / SHARDS_NAME
+        self.listing: list[dict] = read_json(shards_path) if shards_path.exists() else []
+        self.n_done = sum(e["n_examples"] for e in self.listing)
+        registered = {e["name"] for e in self.listing}
+        for path in self.root.iterdir():
+            stray_tmp = path.name.endswith(".tmp") or ".tmp" in path.name and path.name.startswith(".")
+            stray_bin = path.name.startswith("acts") and path.name.endswith(".bin") and path.name not in registered
+            if stray_tmp or stray_bin:
+                path.unlink()
+        self._truncate_examples(self.n_done)
+
+    def _truncate_examples(self, n_lines: int) -> None:
+        path = self.root / EXAMPLES_NAME
+        if not path.exists():
+            path.touch()
+            return
+        with open(path, "rb+") as fd:
+            offset = 0
+            for _ in range(n_lines):
+                line = fd.readline()
+                if not line.endswith(b"\n"):
+                    raise ShardError(f"{path} has fewer lines than shards.json has examples; re-record.")
+                offset += len(line)
+            fd.truncate(offset)
+
+    @property
+    def complete(self) -> bool:
+        return self.n_done >= self.metadata.n_examples
+
+    def add(self, acts_NLTD: np.ndarray, examples: list[dict]) -> None:
+        """Append `N` examples' activations (float32 `[N, layers, tokens, d_model]`) and their sources."""
+        md = self.metadata
+        expected = (md.n_layers, md.n_tokens_per_example, md.d_model)
+        if acts_NLTD.shape[1:] != expected or len(examples) != acts_NLTD.shape[0]:
+            raise ShardError(f"got activations of shape {acts_NLTD.shape} for {len(examples)} examples; expected [N, *{expected}].")
+        stored = from_float32(acts_NLTD, md.dtype)
+        i = 0
+        while i < len(stored):
+            start = len(self._buffered_examples)
+            take = min(len(stored) - i, md.examples_per_shard - start)
+            self._buffer[start : start + take] = stored[i : i + take]
+            self._buffered_examples.extend(examples[i : i + take])
+            i += take
+            if len(self._buffered_examples) == md.examples_per_shard:
+                self.flush()
+
+    def flush(self) -> None:
+        """Write the buffered examples as the next shard (short only for the last shard)."""
+        n = len(self._buffered_examples)
+        if n == 0:
+            return
+        name = shard_name(len(self.listing))
+        final, tmp = self.root / name, self.root / f".{name}.tmp"
+        lines = "".join(json.dumps(e, sort_keys=True) + "\n" for e in self._buffered_examples)
+        try:
+            with open(tmp, "wb") as fd:
+                fd.write(memoryview(np.ascontiguousarray(self._buffer[:n])).cast("B"))
+                fd.flush()
+                os.fsync(fd.fileno())
+            os.replace(tmp, final)
+            with open(self.root / EXAMPLES_NAME, "a") as fd:
+                fd.write(lines)
+                fd.flush()
+                os.fsync(fd.fileno())
+            write_json_atomic(self.root / SHARDS_NAME, [*self.listing, {"name": name, "n_examples": n}])
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise ShardError(
+                f"could not write {final} ({err.strerror}); {self.n_done} examples are safely recorded: "
+                "free space and re-run the same command to resume."
+            ) from None
+        self.listing.append({"name": name, "n_examples": n})
+        self.n_done += n
+        self._buffered_examples = []
+
+    def close(self) -> None:
+        self.flush()
+        self._lock_fd.close()
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._lock_fd.close()
