@@ -1,0 +1,233 @@
+"""ShuffledLoader / OrderedLoader: exactly-once epochs, file contents, dtypes, shuffling, NaN."""
+
+import numpy as np
+import pytest
+import torch
+
+from saev import shards
+from saev.loaders import NonFiniteError, OrderedLoader, ShuffledLoader, Source, select
+
+
+def make_shards(
+    tmp_path,
+    *,
+    n_examples=23,
+    layers=(3, -1),
+    cls_token=True,
+    n_patches=5,
+    d_model=8,
+    dtype="float32",
+    per_shard=7,
+    seed=0,
+):
+    """Write our format; returns (root, float32 [N, L, T, D] exactly as stored)."""
+    md = shards.Metadata(
+        model={"family": "test", "ckpt": "none"}, layers=layers, cls_token=cls_token,
+        n_patches_per_example=n_patches, d_model=d_model, dtype=dtype, n_examples=n_examples,
+        examples_per_shard=per_shard, data={"name": "synthetic", "seed": seed},
+    )  # fmt: skip
+    rng = np.random.default_rng(seed)
+    acts_NLTD = rng.normal(size=(n_examples, len(layers), md.n_tokens_per_example, d_model)).astype(
+        np.float32
+    )
+    with shards.ShardWriter(tmp_path, md) as writer:
+        writer.add(acts_NLTD, [{"index": i} for i in range(n_examples)])
+    stored = shards.to_float32(shards.from_float32(acts_NLTD, dtype), dtype)
+    return writer.root, stored
+
+
+def collect(loader):
+    batches = list(loader)
+    cat = lambda k: torch.cat([b[k] for b in batches]).numpy()
+    return batches, cat("act"), cat("example_idx"), cat("token_idx")
+
+
+def expected_tokens(tokens, cls_token, n_tokens):
+    return {
+        "cls": [0],
+        "patches": list(range(int(cls_token), n_tokens)),
+        "all": list(range(n_tokens)),
+    }[tokens]
+
+
+@pytest.mark.parametrize("tokens", ["patches", "cls", "all"])
+@pytest.mark.parametrize(
+    "batch_size,seed,n_workers", [(7, 0, 0), (64, 1, 2), (1000, 2, 1), (5, 3, 2)]
+)
+def test_shuffled_exactly_once(tmp_path, tokens, batch_size, seed, n_workers):
+    root, stored = make_shards(tmp_path)
+    # A small buffer forces many fills, so batches span slot boundaries.
+    loader = ShuffledLoader(
+        root, -1, batch_size, tokens, seed=seed, n_workers=n_workers, buffer_mb=0.002
+    )
+    batches, act, ex, tok = collect(loader)
+    toks = expected_tokens(tokens, True, 6)
+    assert len(batches) == len(loader)
+    assert (
+        all(len(b["act"]) == batch_size for b in batches[:-1])
+        and 0 < len(batches[-1]["act"]) <= batch_size
+    )
+    assert all(
+        b["act"].dtype == torch.float32 and b["example_idx"].dtype == torch.int64 for b in batches
+    )
+    pairs = sorted(zip(ex.tolist(), tok.tolist()))
+    assert pairs == [(e, t) for e in range(23) for t in toks]
+    np.testing.assert_array_equal(act, stored[ex, 1, tok])
+    loader.close()
+
+
+def test_seeds_and_epochs_change_the_order(tmp_path):
+    root, _ = make_shards(tmp_path, n_examples=40)
+    orders = {}
+    for seed in (0, 1):
+        with ShuffledLoader(root, 3, 16, seed=seed, n_workers=2, buffer_mb=0.004) as loader:
+            first, second = collect(loader)[2], collect(loader)[2]
+        assert sorted(first.tolist()) == sorted(second.tolist()) and not np.array_equal(
+            first, second
+        )
+        orders[seed] = first
+    assert not np.array_equal(orders[0], orders[1])
+    # Same seed, epoch and buffer layout: same order, whichever worker finishes first.
+    with ShuffledLoader(root, 3, 16, seed=0, n_workers=2, buffer_mb=0.004) as loader:
+        np.testing.assert_array_equal(collect(loader)[2], orders[0])
+    # The epoch is shuffled across the whole dataset, not just within a buffer's reach.
+    assert orders[0][: len(orders[0]) // 4].max() > 20
+
+
+@pytest.mark.parametrize("tokens", ["patches", "cls", "all"])
+def test_ordered_equals_file_contents(tmp_path, tokens):
+    root, _ = make_shards(tmp_path, cls_token=tokens == "cls" or tokens == "patches")
+    shard_set = shards.open_shards(root)
+    md = shard_set.metadata
+    # Read the .bin files directly, bypassing every reader we wrote.
+    raw = np.concatenate([np.fromfile(f.path, dtype=np.float32) for f in shard_set.files])
+    raw_NLTD = raw.reshape(23, 2, md.n_tokens_per_example, 8)
+    sel = select(md, 3, tokens)
+    want = raw_NLTD[:, 0, sel.t0 : sel.t1].reshape(-1, 8)
+    for n_workers in (0, 2):
+        with OrderedLoader(root, 3, 9, tokens, n_workers=n_workers, buffer_mb=0.002) as loader:
+            batches, act, ex, tok = collect(loader)
+        assert len(batches) == len(loader)
+        np.testing.assert_array_equal(act, want)
+        np.testing.assert_array_equal(ex, np.repeat(np.arange(23), sel.n_tokens))
+        np.testing.assert_array_equal(tok, np.tile(np.arange(sel.t0, sel.t1), 23))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_upcast(tmp_path, dtype):
+    root, stored = make_shards(
+        tmp_path, dtype=dtype, d_model=64, n_patches=300
+    )  # runs > 64 KiB too
+    for n_workers in (0, 2):
+        with ShuffledLoader(root, 3, 500, "all", n_workers=n_workers, buffer_mb=1) as loader:
+            _, act, ex, tok = collect(loader)
+        np.testing.assert_array_equal(act, stored[ex, 0, tok])
+        assert len(set(zip(ex.tolist(), tok.tolist()))) == 23 * 301
+    # Up-casting is exact and the values really are narrowed (not float32 in disguise).
+    assert not np.array_equal(stored, make_shards(tmp_path / "f32", d_model=64, n_patches=300)[1])
+
+
+def test_shuffle_quality_scales_with_buffer(tmp_path):
+    """A batch draws from the examples of one slot: ~examples_per_fill distinct examples."""
+    root, _ = make_shards(
+        tmp_path, n_examples=400, layers=(0,), cls_token=False, n_patches=16, d_model=32
+    )
+    means = []
+    for buffer_mb in (0.125, 0.5):  # 4 slots of 16 or 64 examples (16 tokens of 128 bytes each)
+        with ShuffledLoader(root, 0, 128, n_workers=2, buffer_mb=buffer_mb) as loader:
+            E = loader.examples_per_fill
+            distinct = [len(np.unique(b["example_idx"])) for b in list(loader)[:-1]]
+        # B uniform draws over E examples hit E * (1 - (1 - 1/E)^B) on average; boundaries more.
+        expected = E * (1 - (1 - 1 / E) ** 128)
+        assert np.mean(distinct) >= 0.9 * expected
+        assert max(distinct) <= 2 * E
+        means.append(np.mean(distinct))
+    assert means[1] > 2 * means[0]
+
+
+def test_ranks_are_disjoint_and_equal_length(tmp_path):
+    root, _ = make_shards(tmp_path, n_examples=23)
+    seen, lengths = [], []
+    for rank in range(3):
+        with ShuffledLoader(
+            root, 3, 8, seed=4, n_workers=1, buffer_mb=0.002, rank=rank, world_size=3
+        ) as loader:
+            batches, _, ex, _ = collect(loader)
+            lengths.append((len(loader), len(batches)))
+            seen.append(set(ex.tolist()))
+    assert all(len(s) == 7 for s in seen) and not (
+        seen[0] & seen[1] or seen[1] & seen[2] or seen[0] & seen[2]
+    )
+    assert len(set(lengths)) == 1 and lengths[0][0] == lengths[0][1]
+
+
+def _poison(root, file_i, example_in_file, token, value=np.nan):
+    shard_set = shards.open_shards(root)
+    mm = np.memmap(
+        shard_set.files[file_i].path,
+        dtype=np.float32,
+        mode="r+",
+        shape=shard_set.memmap(file_i).shape,
+    )
+    mm[example_in_file, 1, token, 3] = value
+    mm.flush()
+
+
+@pytest.mark.parametrize("n_workers", [0, 2])
+def test_nonfinite_stops_naming_shard_and_example(tmp_path, n_workers):
+    root, _ = make_shards(tmp_path)
+    _poison(root, 2, 4, 2, np.inf)  # file acts000002.bin, global example 7 * 2 + 4 = 18
+    with ShuffledLoader(root, -1, 16, n_workers=n_workers, buffer_mb=0.002) as loader:
+        with pytest.raises(
+            NonFiniteError, match=r"acts000002\.bin \(example 18, #4 in that file; token 2"
+        ) as err:
+            list(loader)
+        assert "\n" not in str(err.value)
+        # The loader is still usable afterwards (in-flight fills were drained).
+        with pytest.raises(NonFiniteError):
+            list(loader)
+
+
+def test_skip_nonfinite_drops_and_counts(tmp_path):
+    root, stored = make_shards(tmp_path)
+    _poison(root, 0, 1, 3)
+    _poison(root, 3, 0, 5)  # the last, short file
+    with ShuffledLoader(root, -1, 10, n_workers=2, buffer_mb=0.002, skip_nonfinite=True) as loader:
+        _, act, ex, tok = collect(loader)
+        assert loader.n_nonfinite == 2
+    pairs = set(zip(ex.tolist(), tok.tolist()))
+    assert len(pairs) == len(ex) == 23 * 5 - 2 and (1, 3) not in pairs and (21, 5) not in pairs
+    assert np.isfinite(act).all()
+    np.testing.assert_array_equal(act, stored[ex, 1, tok])
+
+
+def test_abandoned_epoch_then_full_epoch(tmp_path):
+    root, _ = make_shards(tmp_path, n_examples=60)
+    with ShuffledLoader(root, 3, 4, n_workers=2, buffer_mb=0.002) as loader:
+        it = iter(loader)
+        next(it), next(it)
+        del it  # closing the generator drains the fills still in flight
+        _, _, ex, tok = collect(loader)
+    assert len(set(zip(ex.tolist(), tok.tolist()))) == len(ex) == 60 * 5
+
+
+def test_bad_selection_errors(tmp_path):
+    root, _ = make_shards(tmp_path, cls_token=False)
+    with pytest.raises(
+        shards.ShardError, match=r"layer 5 was not recorded; these shards hold layers \[3, -1\]"
+    ):
+        ShuffledLoader(root, 5, 8)
+    with pytest.raises(shards.ShardError, match="no CLS token"):
+        OrderedLoader(root, 3, 8, "cls")
+    with pytest.raises(ValueError, match="tokens='patch'"):
+        OrderedLoader(root, 3, 8, "patch")
+    with pytest.raises(ValueError, match="buffer_mb=1e-05 cannot hold one example"):
+        ShuffledLoader(root, 3, 8, buffer_mb=1e-5)
+
+
+def test_shard_files_are_mapped_read_only(tmp_path):
+    root, _ = make_shards(tmp_path)
+    source = Source(shards.open_shards(root), select(shards.open_shards(root).metadata, 3, "all"))
+    dst = np.empty((3 * 6, 8), dtype=np.float32)
+    source.fill(np.array([0, 8, 22]), dst)
+    assert source._memmaps and all(not mm.flags.writeable for mm in source._memmaps.values())
