@@ -21,6 +21,8 @@ VERSION = 1
 METADATA_NAME = "metadata.json"
 SHARDS_NAME = "shards.json"
 EXAMPLES_NAME = "examples.jsonl"
+PATCH_LABELS_NAME = "labels.bin"
+"""Optional per-patch labels (ade20k): uint8 `[n_examples, n_patches_per_example]`, C order."""
 LOCK_NAME = ".lock"
 
 # numpy has no bfloat16; bfloat16 shards are stored as their raw 16-bit patterns (the upper half
@@ -97,7 +99,8 @@ class Metadata:
         if d.get("format") != FORMAT or d.get("version") != VERSION:
             raise ShardError(
                 f"unknown shard format {d.get('format')!r} version {d.get('version')!r}; "
-                f"this saev reads '{FORMAT}' version {VERSION} (and the public saev's protocol 2.1)."
+                f"this saev reads '{FORMAT}' version {VERSION} "
+                "(and the public saev's protocol 2.1)."
             )
         names = {f.name for f in dataclasses.fields(cls)}
         missing = names - d.keys()
@@ -108,7 +111,9 @@ class Metadata:
     def layer_index(self, layer: int) -> int:
         """Position of `layer` (as recorded) along the layers axis of the `.bin` files."""
         if layer not in self.layers:
-            raise ShardError(f"layer {layer} was not recorded; these shards hold layers {list(self.layers)}.")
+            raise ShardError(
+                f"layer {layer} was not recorded; these shards hold layers {list(self.layers)}."
+            )
         return self.layers.index(layer)
 
 
@@ -127,9 +132,13 @@ def read_json(path: pathlib.Path):
         with open(path) as fd:
             return json.load(fd)
     except FileNotFoundError:
-        raise ShardError(f"{path} does not exist; is this a shard directory written by record.py?") from None
+        raise ShardError(
+            f"{path} does not exist; is this a shard directory written by record.py?"
+        ) from None
     except json.JSONDecodeError as err:
-        raise ShardError(f"{path} is not valid JSON ({err}); the shard directory is corrupt.") from None
+        raise ShardError(
+            f"{path} is not valid JSON ({err}); the shard directory is corrupt."
+        ) from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +162,7 @@ class ShardSet:
         return sum(f.n_examples for f in self.files)
 
     def memmap(self, i: int) -> np.memmap:
-        """Shard `i` as a read-only `[n_examples, n_layers, n_tokens, d_model]` array in storage dtype."""
+        """Shard `i`, read-only, `[n_examples, n_layers, n_tokens, d_model]` in storage dtype."""
         md, f = self.metadata, self.files[i]
         shape = (f.n_examples, md.n_layers, md.n_tokens_per_example, md.d_model)
         return np.memmap(f.path, dtype=NUMPY_STORAGE_DTYPE[md.dtype], mode="r", shape=shape)
@@ -175,7 +184,9 @@ def open_shards(root: str | os.PathLike, *, strict_sizes: bool = True) -> ShardS
         path = root / entry["name"]
         n = int(entry["n_examples"])
         if not path.is_file():
-            raise ShardError(f"{path} is listed in shards.json but missing; re-run the same record.py command.")
+            raise ShardError(
+                f"{path} is listed in shards.json but missing; re-run the same record.py command."
+            )
         expected = n * md.bytes_per_example
         if strict_sizes and path.stat().st_size != expected:
             raise ShardError(
@@ -195,7 +206,7 @@ def to_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def from_float32(arr: np.ndarray, dtype: str) -> np.ndarray:
-    """Narrow float32 activations to the storage representation of `dtype` (round to nearest even)."""
+    """Narrow float32 activations to the storage representation of `dtype` (round half to even)."""
     arr = np.ascontiguousarray(arr, dtype=np.float32)
     if dtype == "bfloat16":
         bits = arr.view(np.uint32)
@@ -208,56 +219,93 @@ class ShardWriter:
     """Appends examples to `<dump_to>/<hash>/`: exclusive (a lock), atomic per shard, resumable.
 
     Each shard is written to a temporary name, fsynced and renamed; only then are its examples
-    appended to `examples.jsonl` and the shard registered in `shards.json` (replaced atomically).
-    `shards.json` is the truth: on open, anything past it (a renamed but unregistered shard, extra
-    `examples.jsonl` lines, temporary files) is discarded, and `n_done` says where to resume.
+    appended to `examples.jsonl` (and their patch labels to `labels.bin`) and the shard registered
+    in `shards.json` (replaced atomically). `shards.json` is the truth: on open, anything past it
+    (a renamed but unregistered shard, extra `examples.jsonl` lines or labels, temporary files) is
+    discarded, and `n_done` says where to resume.
+
+    `metadata.n_examples` is the number of candidate images; when some are skipped as unreadable,
+    `finish()` rewrites it to the number written, which also marks the directory complete.
     """
 
-    def __init__(self, dump_to: str | os.PathLike, metadata: Metadata):
+    def __init__(self, dump_to: str | os.PathLike, metadata: Metadata, patch_labels: bool = False):
         import fcntl
 
         self.metadata = metadata
+        self.patch_labels = patch_labels
         self.root = pathlib.Path(dump_to) / metadata.content_hash()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             self._lock_fd = open(self.root / LOCK_NAME, "a+")
         except OSError as err:
-            raise ShardError(f"cannot write to dump_to={dump_to} ({err.strerror}); choose a writable directory.") from None
+            raise ShardError(
+                f"cannot write to dump_to={dump_to} ({err.strerror}); choose a writable directory."
+            ) from None
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self._lock_fd.close()
             raise ShardError(
-                f"another process is writing to {self.root}; wait for it to finish (or kill it) and re-run."
+                f"another process is writing to {self.root}; wait for it to finish (or kill it) "
+                "and re-run."
             ) from None
         self._recover()
         self._buffer = np.empty(
-            (metadata.examples_per_shard, metadata.n_layers, metadata.n_tokens_per_example, metadata.d_model),
+            (
+                metadata.examples_per_shard,
+                metadata.n_layers,
+                metadata.n_tokens_per_example,
+                metadata.d_model,
+            ),
             dtype=NUMPY_STORAGE_DTYPE[metadata.dtype],
         )
         self._buffered_examples: list[dict] = []
+        self._labels = np.empty(
+            (metadata.examples_per_shard, metadata.n_patches_per_example), np.uint8
+        )
 
     def _recover(self) -> None:
         md_path = self.root / METADATA_NAME
-        if md_path.exists():
-            existing = read_json(md_path)
-            if existing != self.metadata.to_json():
-                raise ShardError(
-                    f"{md_path} disagrees with this run's settings; the directory is corrupt or from another "
-                    "saev version: move it away and re-run."
-                )
-        else:
-            write_json_atomic(md_path, self.metadata.to_json())
         shards_path = self.root / SHARDS_NAME
         self.listing: list[dict] = read_json(shards_path) if shards_path.exists() else []
         self.n_done = sum(e["n_examples"] for e in self.listing)
+        if md_path.exists():
+            existing = read_json(md_path)
+            ours = self.metadata.to_json()
+            finished_short = existing.get("n_examples") == self.n_done < ours["n_examples"]
+            if finished_short:  # a finished run that skipped unreadable images
+                ours["n_examples"] = self.n_done
+            if existing != ours:
+                raise ShardError(
+                    f"{md_path} disagrees with this run's settings; the directory is corrupt or "
+                    "from another saev version: move it away and re-run."
+                )
+            self.metadata = Metadata.from_json(existing)
+        else:
+            write_json_atomic(md_path, self.metadata.to_json())
         registered = {e["name"] for e in self.listing}
         for path in self.root.iterdir():
-            stray_tmp = path.name.endswith(".tmp") or ".tmp" in path.name and path.name.startswith(".")
-            stray_bin = path.name.startswith("acts") and path.name.endswith(".bin") and path.name not in registered
+            stray_tmp = (
+                path.name.endswith(".tmp") or ".tmp" in path.name and path.name.startswith(".")
+            )
+            stray_bin = (
+                path.name.startswith("acts")
+                and path.name.endswith(".bin")
+                and path.name not in registered
+            )
             if stray_tmp or stray_bin:
                 path.unlink()
         self._truncate_examples(self.n_done)
+        if self.patch_labels:
+            self._truncate_labels(self.n_done)
+
+    def _truncate_labels(self, n_examples: int) -> None:
+        path = self.root / PATCH_LABELS_NAME
+        path.touch()
+        expected = n_examples * self.metadata.n_patches_per_example
+        if path.stat().st_size < expected:
+            raise ShardError(f"{path} has fewer labels than shards.json has examples; re-record.")
+        os.truncate(path, expected)
 
     def _truncate_examples(self, n_lines: int) -> None:
         path = self.root / EXAMPLES_NAME
@@ -269,7 +317,9 @@ class ShardWriter:
             for _ in range(n_lines):
                 line = fd.readline()
                 if not line.endswith(b"\n"):
-                    raise ShardError(f"{path} has fewer lines than shards.json has examples; re-record.")
+                    raise ShardError(
+                        f"{path} has fewer lines than shards.json has examples; re-record."
+                    )
                 offset += len(line)
             fd.truncate(offset)
 
@@ -277,18 +327,33 @@ class ShardWriter:
     def complete(self) -> bool:
         return self.n_done >= self.metadata.n_examples
 
-    def add(self, acts_NLTD: np.ndarray, examples: list[dict]) -> None:
-        """Append `N` examples' activations (float32 `[N, layers, tokens, d_model]`) and their sources."""
+    def add(
+        self, acts_NLTD: np.ndarray, examples: list[dict], patch_labels_NP: np.ndarray | None = None
+    ) -> None:
+        """Append `N` examples' activations `[N, layers, tokens, d_model]` and their sources.
+
+        `acts_NLTD` is float32, or already in the storage representation of `metadata.dtype`
+        (float16; uint16 bit patterns for bfloat16), which skips a conversion on the CPU.
+        `patch_labels_NP` (uint8) is required exactly when the writer was opened with patch labels.
+        """
         md = self.metadata
         expected = (md.n_layers, md.n_tokens_per_example, md.d_model)
         if acts_NLTD.shape[1:] != expected or len(examples) != acts_NLTD.shape[0]:
-            raise ShardError(f"got activations of shape {acts_NLTD.shape} for {len(examples)} examples; expected [N, *{expected}].")
-        stored = from_float32(acts_NLTD, md.dtype)
+            raise ShardError(
+                f"got activations of shape {acts_NLTD.shape} for {len(examples)} examples; "
+                f"expected [N, *{expected}]."
+            )
+        if (patch_labels_NP is not None) != self.patch_labels:
+            raise ShardError("patch labels must be given exactly when the writer records them.")
+        storage = np.dtype(NUMPY_STORAGE_DTYPE[md.dtype])
+        stored = acts_NLTD if acts_NLTD.dtype == storage else from_float32(acts_NLTD, md.dtype)
         i = 0
         while i < len(stored):
             start = len(self._buffered_examples)
             take = min(len(stored) - i, md.examples_per_shard - start)
             self._buffer[start : start + take] = stored[i : i + take]
+            if patch_labels_NP is not None:
+                self._labels[start : start + take] = patch_labels_NP[i : i + take]
             self._buffered_examples.extend(examples[i : i + take])
             i += take
             if len(self._buffered_examples) == md.examples_per_shard:
@@ -312,16 +377,37 @@ class ShardWriter:
                 fd.write(lines)
                 fd.flush()
                 os.fsync(fd.fileno())
-            write_json_atomic(self.root / SHARDS_NAME, [*self.listing, {"name": name, "n_examples": n}])
+            if self.patch_labels:
+                with open(self.root / PATCH_LABELS_NAME, "ab") as fd:
+                    fd.write(memoryview(np.ascontiguousarray(self._labels[:n])).cast("B"))
+                    fd.flush()
+                    os.fsync(fd.fileno())
+            write_json_atomic(
+                self.root / SHARDS_NAME, [*self.listing, {"name": name, "n_examples": n}]
+            )
         except OSError as err:
             tmp.unlink(missing_ok=True)
             raise ShardError(
-                f"could not write {final} ({err.strerror}); {self.n_done} examples are safely recorded: "
-                "free space and re-run the same command to resume."
+                f"could not write {final} ({err.strerror}); {self.n_done} examples are safely "
+                "recorded: free space and re-run the same command to resume."
             ) from None
         self.listing.append({"name": name, "n_examples": n})
         self.n_done += n
         self._buffered_examples = []
+
+    def finish(self) -> None:
+        """Write the last (short) shard; if fewer examples than planned were written (unreadable
+        images skipped), record the true count in `metadata.json`, which marks it complete."""
+        self.flush()
+        if self.n_done != self.metadata.n_examples:
+            self.metadata = dataclasses.replace(self.metadata, n_examples=self.n_done)
+            try:
+                write_json_atomic(self.root / METADATA_NAME, self.metadata.to_json())
+            except OSError as err:
+                raise ShardError(
+                    f"could not update {self.root / METADATA_NAME} ({err.strerror}); free space "
+                    "and re-run the same command to finish."
+                ) from None
 
     def close(self) -> None:
         self.flush()

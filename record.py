@@ -1,0 +1,31 @@
+"""Record a ViT's residual stream over an image dataset to shards (see conf/record.yaml).
+
+    python record.py model=siglip data=inat21 data.root=/data/inat21/train_mini layers=[13,23]
+
+The last line printed to stdout is the shard directory.
+"""
+
+import os
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+import saev.record_config  # noqa: F401  (registers the config schemas)
+from saev import recording
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="record")
+def main(cfg: DictConfig) -> None:
+    try:
+        shard_dir = recording.main(cfg)
+    except recording.USER_ERRORS as err:
+        if cfg.get("debug") or os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    print(shard_dir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""The recording job behind `record.py`: run a ViT over an image dataset and write shards.
+
+Order of work: check the config and the dataset (cheap, before torch is imported, so a typo fails
+in under a second), build the model, open the shard directory (its lock makes the run exclusive),
+then stream batches: DataLoader workers decode, the main thread runs the hooked forward pass, and a
+writer thread copies activations into shards so disk writes overlap the next batches.
+
+Resuming: `ShardWriter` says how many examples are safely on disk. The run restarts at the batch
+that holds the next image, so every batch has exactly the images it had in an uninterrupted run
+and the resumed shards are byte-identical to an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import queue
+import sys
+import threading
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
+
+from saev import images, shards
+from saev.record_config import RecordConfig
+
+
+class RecordError(Exception):
+    """A problem the user can fix (bad input, full disk, ...): shown as one line, no traceback."""
+
+
+USER_ERRORS = (RecordError, shards.ShardError, ValueError)
+"""What `record.py` reports as `error: <message>` (exit code 2) unless `debug=true`."""
+
+
+def main(cfg: DictConfig) -> pathlib.Path:
+    """Validate the composed Hydra config and record; returns the shard directory."""
+    try:
+        config = OmegaConf.to_object(cfg)
+    except MissingMandatoryValue as err:
+        raise RecordError(
+            f"{err.full_key} is required: add {err.full_key}=... to the command."
+        ) from err
+    except OmegaConfBaseException as err:
+        raise RecordError(str(err).splitlines()[0]) from err
+    return record(config)
+
+
+def record(cfg: RecordConfig) -> pathlib.Path:
+    dataset = images.build(cfg.data)
+    dump_to = _writable(cfg.dump_to)
+    # Deferred: importing torch and timm takes seconds, and the checks above should not wait.
+    import torch
+
+    from saev import vit as vitlib
+
+    device = None
+    if cfg.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or torch.device(cfg.device)
+    vit = vitlib.load(cfg.model, device)
+    blocks = vit.resolve_layers(cfg.layers)
+    cls_token = vit.has_cls if cfg.cls_token is None else cfg.cls_token
+    recorder = vitlib.Recorder(vit, blocks, cls_token)
+    n_vectors = len(blocks) * (vit.n_patches + int(cls_token))
+    if cfg.max_patches_per_shard < n_vectors:
+        raise RecordError(
+            f"max_patches_per_shard={cfg.max_patches_per_shard} is below one example's "
+            f"{n_vectors} token vectors (layers x tokens)."
+        )
+    metadata = shards.Metadata(
+        model=vit.description,
+        layers=tuple(cfg.layers),
+        cls_token=cls_token,
+        n_patches_per_example=vit.n_patches,
+        d_model=vit.d_model,
+        dtype=cfg.dtype,
+        n_examples=len(dataset),
+        examples_per_shard=cfg.max_patches_per_shard // n_vectors,
+        data=dataset.describe(),
+    )
+    with shards.ShardWriter(dump_to, metadata, patch_labels=dataset.has_patch_labels) as writer:
+        if not writer.complete:
+            start = _resume_at(writer, dataset)
+            if start > 0:
+                print(
+                    f"resuming {writer.root} after {writer.n_done} recorded examples",
+                    file=sys.stderr,
+                )
+            _run(cfg, vit, recorder, dataset, writer, start, device)
+        writer.finish()
+    recorder.close()
+    return writer.root
+
+
+def _writable(dump_to: str) -> pathlib.Path:
+    path = pathlib.Path(dump_to).expanduser().absolute()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RecordError(
+            f"cannot create dump_to={dump_to} ({err.strerror}); choose a writable directory."
+        ) from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RecordError(f"dump_to={dump_to} is not writable; choose a writable directory.")
+    return path
+
+
+def _resume_at(writer: shards.ShardWriter, dataset: images.Dataset) -> int:
+    """Index of the first candidate image not yet on disk (after the last recorded example)."""
+    if writer.n_done == 0:
+        return 0
+    with open(writer.root / shards.EXAMPLES_NAME, "rb") as fd:
+        fd.seek(max(0, os.fstat(fd.fileno()).st_size - 65536))
+        last = fd.read().splitlines()[-1]
+    import json
+
+    try:
+        return dataset.find(json.loads(last)) + 1
+    except (KeyError, ValueError):
+        raise RecordError(
+            f"{writer.root} was recorded from other images than data.root now holds; move it away."
+        ) from None
+
+
+@dataclasses.dataclass
+class Batch:
+    x_BCHW: object
+    """Decoded images (a torch tensor), or None when none in the batch could be read."""
+    indices: list[int]
+    """Candidate index of each row of `x_BCHW`."""
+    labels_BP: np.ndarray | None
+    errors: list[tuple[int, str]]
+    """(candidate index, message) of each image that could not be read."""
+
+
+def collate(samples) -> Batch:
+    import torch
+
+    good = [s for s in samples if s[3] is None]
+    x = torch.stack([s[0] for s in good]) if good else None
+    labels = np.stack([s[2] for s in good]) if good and good[0][2] is not None else None
+    return Batch(
+        x, [s[1] for s in good], labels, [(s[1], s[3]) for s in samples if s[3] is not None]
+    )
+
+
+def _run(cfg, vit, recorder, dataset, writer, start: int, device) -> None:
+    import torch
+    from tqdm import tqdm
+
+    size = cfg.batch_size
+    # Batches always cover [k * size, (k + 1) * size), resumed or not (see the module docstring).
+    batches = [
+        list(range(b, min(b + size, len(dataset))))
+        for b in range(start // size * size, len(dataset), size)
+    ]
+    decoded = images.Decoded(dataset, vit.transform, vit.patch_size, vit.n_patches)
+    loader = torch.utils.data.DataLoader(
+        decoded,
+        batch_sampler=batches,
+        # More decoding processes than CPUs only adds contention.
+        num_workers=min(cfg.n_workers, len(os.sched_getaffinity(0))),
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+    )
+    bar = tqdm(total=len(dataset), initial=start, unit="img", dynamic_ncols=True, file=sys.stderr)
+    skipped: list[str] = []
+    # Closing the bar on any exit ends its line, so an error message starts a line of its own.
+    with bar, _BackgroundWriter(writer) as out:
+        for batch in loader:
+            errors = [msg for i, msg in batch.errors if i >= start]
+            if errors and not getattr(cfg.data, "skip_bad_images", False):
+                raise RecordError(
+                    f"{errors[0]} (set data.skip_bad_images=true to skip unreadable images)"
+                )
+            skipped.extend(errors)
+            if batch.x_BCHW is not None:
+                acts_BLTD = recorder(batch.x_BCHW.to(device, non_blocking=True))
+                keep = [j for j, i in enumerate(batch.indices) if i >= start]
+                if keep:
+                    stored = to_storage(acts_BLTD[keep[0] :], cfg.dtype)
+                    labels = batch.labels_BP[keep[0] :] if batch.labels_BP is not None else None
+                    out.add(stored, [dataset.source(batch.indices[j]) for j in keep], labels)
+            bar.update(sum(i >= start for i in batch.indices) + len(errors))
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable images; the first: {skipped[0]}", file=sys.stderr)
+
+
+def to_storage(acts, dtype: str) -> np.ndarray:
+    """Activations (torch, any device) in the storage representation of `dtype`, on the CPU.
+
+    Narrowing on the device halves the transfer; torch rounds to nearest even like
+    `shards.from_float32`, so the bytes are the same either way.
+    """
+    import torch
+
+    if dtype == "float32":
+        return acts.float().cpu().numpy()
+    if dtype == "float16":
+        return acts.half().cpu().numpy()
+    return acts.bfloat16().view(torch.int16).cpu().numpy().view(np.uint16)
+
+
+class _BackgroundWriter:
+    """Feeds `ShardWriter.add` from a thread, so copying and fsyncing a shard overlaps the next
+    forward passes. A bounded queue keeps memory flat; errors surface on the next `add` or exit."""
+
+    def __init__(self, writer: shards.ShardWriter, depth: int = 4):
+        self.writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="shard-writer", daemon=True)
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.writer.add(*item)
+                except BaseException as err:
+                    self._error = err
+
+    def add(self, *item) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put(item)
+
+    def __enter__(self) -> _BackgroundWriter:
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if exc_type is None and self._error is not None:
+            raise self._error
