@@ -307,12 +307,10 @@ class SAE(nn.Module):
             # The threshold estimate is the smallest kept positive activation, averaged (EMA).
             kept = torch.where(vals > 0, vals, torch.full_like(vals, float("inf")))
             smallest = kept.min().float()
-            if torch.isfinite(smallest):
-                m = self.cfg.threshold_momentum
-                old = self.threshold
-                self.threshold.copy_(
-                    torch.where(old.isnan(), smallest, (1 - m) * old + m * smallest)
-                )
+            m, old = self.cfg.threshold_momentum, self.threshold
+            new = torch.where(old.isnan(), smallest, (1 - m) * old + m * smallest)
+            # Branch-free (no host sync, compilable): a batch with nothing positive keeps the old.
+            self.threshold.copy_(torch.where(torch.isfinite(smallest), new, old))
         return f_BS
 
     def encode(self, x_BD: Tensor) -> Tensor:

@@ -1,0 +1,162 @@
+"""Typed schema of `conf/train.yaml`, registered in Hydra's ConfigStore (`train_schema`).
+
+A training job is a list of `TrainConfig`s, one per SAE, that agree on everything outside
+`PER_SAE_KEYS` (what is read and how the job runs). `sweep` in the primary config expands into
+such a list (cartesian product); a sweeper can hand the same list in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Any
+
+from omegaconf import MISSING
+
+from saev.data import DataConfig
+from saev.nn import SAEConfig
+
+PER_SAE_KEYS = ("name", "sae", "lr", "lr_warmup_steps", "grad_clip", "seed")
+"""Settings that touch only one SAE and its optimizer; they may differ within one job."""
+PRECISIONS = ("32", "bf16-mixed")
+
+
+@dataclasses.dataclass
+class TrainerConfig:
+    """Lightning `Trainer` settings passed through."""
+
+    accelerator: str = "auto"
+    """"cpu", "gpu", "auto", ..."""
+    devices: Any = 1
+    """Number of devices, a list of ids, or "auto"."""
+    strategy: str = "auto"
+    """"auto", "ddp", ... (each rank reads its own part of every batch)."""
+
+
+@dataclasses.dataclass
+class WandbConfig:
+    """Weights & Biases: one run per SAE, grouped by the job's run id."""
+
+    enabled: bool = True
+    project: str = "saev"
+    entity: str | None = None
+    mode: str | None = None
+    """"online", "offline" or "disabled"; None follows WANDB_MODE (offline needs no account)."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """One SAE's training run; a job trains several that share `data` and the job settings."""
+
+    data: DataConfig = dataclasses.field(
+        default_factory=lambda: DataConfig(shard_root=MISSING, layer=MISSING)
+    )
+    """What to read (saev.data.DataConfig); data.shard_root and data.layer are required."""
+    sae: SAEConfig = MISSING
+    """The SAE (config group `sae`: relu, topk, batchtopk, jumprelu, matryoshka)."""
+    name: str | None = None
+    """Directory name of this SAE in the run; None gives '<index>-<kind>[-swept values]'."""
+    lr: float = 4e-4
+    """Adam learning rate (Gao et al. 2024 scale it as 1/sqrt(d_sae); tune per width)."""
+    lr_warmup_steps: int = 100
+    """Steps of linear learning-rate warmup from 0."""
+    grad_clip: float = 1.0
+    """Max gradient norm of this SAE's parameters; 0 disables."""
+    seed: int = 0
+    """Seed of this SAE's initialization (data order: data.seed)."""
+    n_train: int = 100_000_000
+    """Activations (tokens) to train on; steps = n_train // data.batch_size."""
+    runs_root: str = "runs"
+    """Runs are written to <runs_root>/<run_id>/."""
+    run_id: str | None = None
+    """None: a new id (time and random suffix). Give an old id with ckpt_path=last to resume."""
+    ckpt_path: str | None = None
+    """"last" resumes <runs_root>/<run_id>/checkpoints/last.ckpt; or a path to a .ckpt."""
+    ckpt_every: int = 1000
+    """Steps between Lightning checkpoints (used to resume)."""
+    precision: str = "32"
+    """"32" or "bf16-mixed" (bf16 autocast, float32 weights and optimizer state)."""
+    compile: bool = False
+    """torch.compile the step's forward pass (all SAEs together)."""
+    val_every: int = 0
+    """Validate every this many steps; 0: only at the end (always at the end)."""
+    log_every: int = 50
+    """Steps between train/ metric logs."""
+    trainer: TrainerConfig = dataclasses.field(default_factory=TrainerConfig)
+    wandb: WandbConfig = dataclasses.field(default_factory=WandbConfig)
+    sweep: Any = None
+    """Per-SAE settings to cross, e.g. {sae: [relu, topk], lr: [3e-4, 1e-3]}: one SAE per
+    combination, all in this job."""
+
+    def __post_init__(self):
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}.")
+        positive = {
+            "n_train": self.n_train,
+            "ckpt_every": self.ckpt_every,
+            "log_every": self.log_every,
+        }
+        nonneg = {
+            "lr_warmup_steps": self.lr_warmup_steps,
+            "grad_clip": self.grad_clip,
+            "val_every": self.val_every,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}.")
+        for name, value in nonneg.items():
+            if value < 0:
+                raise ValueError(f"{name} must be non-negative, got {value}.")
+        if str(self.precision) not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} must be one of {list(PRECISIONS)}.")
+        self.precision = str(self.precision)
+        if (
+            self.ckpt_path is not None
+            and self.ckpt_path != "last"
+            and not self.ckpt_path.endswith(".ckpt")
+        ):
+            raise ValueError(f"ckpt_path must be 'last' or a .ckpt file, got {self.ckpt_path!r}.")
+        if self.ckpt_path == "last" and self.run_id is None:
+            raise ValueError("ckpt_path=last needs run_id=<the run to resume>.")
+        self.sweep = dict(self.sweep or {})
+        for key, values in self.sweep.items():
+            if key.split(".")[0] not in PER_SAE_KEYS:
+                raise ValueError(
+                    f"sweep key {key!r} is not a per-SAE setting {list(PER_SAE_KEYS)}; "
+                    "sweep it with `python train.py -m` (one job per value) instead."
+                )
+            if not isinstance(values, list | tuple) or not values:
+                raise ValueError(f"sweep.{key} must be a non-empty list, got {values!r}.")
+
+    def job_fields(self) -> dict:
+        """Everything that must agree across the SAEs of one job."""
+        d = dataclasses.asdict(self)
+        for key in (*PER_SAE_KEYS, "sweep"):
+            d.pop(key)
+        return d
+
+
+def override_value(value) -> str:
+    """A Python value as Hydra override syntax."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, list | tuple):
+        return "[" + ",".join(override_value(v) for v in value) + "]"
+    return str(value)
+
+
+def sweep_overrides(sweep: dict) -> list[list[str]]:
+    """The cartesian product of `sweep` as one override list per SAE."""
+    keys = list(sweep)
+    return [
+        [f"{k}={override_value(v)}" for k, v in zip(keys, combo)]
+        for combo in itertools.product(*(sweep[k] for k in keys))
+    ]
+
+
+def register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)

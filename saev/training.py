@@ -1,0 +1,266 @@
+"""A training job: many SAEs, one data stream, one Lightning `Trainer` (DESIGN.md, "Training").
+
+`train(configs)` is the central entry: a list of per-SAE `TrainConfig`s that agree on the job
+settings. `main(cfg)` (called by `train.py`) expands the config's `sweep` into such a list by
+composing one Hydra config per combination, trains, and prints the run directory last.
+
+A run directory `<runs_root>/<run_id>/` holds `job.json`, `checkpoints/` (Lightning, for
+`ckpt_path=last`), `wandb/`, and per SAE `<name>/` with `sae.safetensors`, `config.json`,
+`metrics.json` (final metrics) and `metrics.csv` (every logged value).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import pathlib
+import re
+import secrets
+import sys
+import time
+import warnings
+
+import lightning as L
+import torch
+
+from saev import shards
+from saev.data import ShardDataModule
+from saev.module import Member, NonFiniteLossError, SAEModule
+from saev.train_config import PER_SAE_KEYS, TrainConfig, sweep_overrides
+
+CKPT_DIR = "checkpoints"
+
+
+class SeekableLoader:
+    """The train loader positioned from the module's step: epoch `step // len`, skipping the
+    batches of that epoch already trained on, so a resumed run sees exactly the batches an
+    uninterrupted one would (the shuffled loader's order depends only on (seed, epoch))."""
+
+    def __init__(self, loader, module: L.LightningModule):
+        self.loader, self.module = loader, module
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        epoch, skip = divmod(self.module.global_step, len(self.loader))
+        self.loader.epoch = epoch
+        return itertools.islice(iter(self.loader), skip, None)
+
+
+class MetricsLog:
+    """Per SAE: a CSV of every logged value (always) and a W&B run grouped by the job."""
+
+    def __init__(self, run_dir: pathlib.Path, configs: list[TrainConfig], run_id: str):
+        self.files, self.writers, self.runs = {}, {}, {}
+        for c in configs:
+            path = run_dir / c.name / "metrics.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            new = not path.exists()
+            self.files[c.name] = open(path, "a", newline="")
+            self.writers[c.name] = csv.writer(self.files[c.name])
+            if new:
+                self.writers[c.name].writerow(["step", "metric", "value"])
+        wb = configs[0].wandb
+        if wb.enabled:
+            import wandb
+
+            for i, c in enumerate(configs):
+                self.runs[c.name] = wandb.init(
+                    project=wb.project, entity=wb.entity, mode=wb.mode, group=run_id,
+                    name=f"{run_id}/{c.name}", id=f"{run_id}-{i:02d}", job_type="train",
+                    config=dataclasses.asdict(c), dir=str(run_dir), reinit="create_new",
+                    resume="allow",
+                )  # fmt: skip
+
+    def log(self, name: str, metrics: dict[str, float], step: int) -> None:
+        for key, value in metrics.items():
+            self.writers[name].writerow([step, key, repr(value)])
+        self.files[name].flush()
+        if name in self.runs:
+            self.runs[name].log(metrics, step=step)
+
+    def close(self) -> None:
+        for fd in self.files.values():
+            fd.close()
+        for run in self.runs.values():
+            run.finish()
+
+
+def named(configs: list[TrainConfig]) -> list[TrainConfig]:
+    """Fill in default names '<index>-<kind>'; names must be unique and path-safe."""
+    out = []
+    for i, c in enumerate(configs):
+        name = c.name if c.name is not None else f"{i:02d}-{c.sae.kind}"
+        if not re.fullmatch(r"[\w.,=+\-\[\]]+", name):
+            raise ValueError(f"SAE name {name!r} must be a plain directory name.")
+        out.append(dataclasses.replace(c, name=name))
+    if len({c.name for c in out}) != len(out):
+        raise ValueError(f"SAE names must be unique in a job, got {[c.name for c in out]}.")
+    return out
+
+
+def check_one_job(configs: list[TrainConfig]) -> None:
+    job = configs[0].job_fields()
+    for c in configs[1:]:
+        diff = sorted(k for k, v in c.job_fields().items() if job[k] != v)
+        if diff:
+            raise ValueError(
+                f"SAEs of one job must share {diff}; only {list(PER_SAE_KEYS)} may differ."
+            )
+
+
+def new_run_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+def make_trainer(job: TrainConfig, run_dir: pathlib.Path, n_steps: int) -> L.Trainer:
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(
+        dirpath=run_dir / CKPT_DIR, every_n_train_steps=job.ckpt_every, save_top_k=0, save_last=True
+    )
+    return L.Trainer(
+        accelerator=job.trainer.accelerator,
+        devices=job.trainer.devices,
+        strategy=job.trainer.strategy,
+        precision="32-true" if job.precision == "32" else job.precision,
+        max_steps=n_steps,
+        max_epochs=-1,
+        use_distributed_sampler=False,  # the loaders split the stream across ranks themselves
+        # val_every=0: no validation during fit; the final one runs after it.
+        val_check_interval=job.val_every or n_steps + 1,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        logger=False,
+        callbacks=[ckpt],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=run_dir,
+    )
+
+
+def train(configs: list[TrainConfig]) -> pathlib.Path:
+    """Train one SAE per config, side by side, and return the run directory."""
+    if not configs:
+        raise ValueError("no SAEs to train.")
+    check_one_job(configs)
+    configs = named(configs)
+    job = configs[0]
+    dm = ShardDataModule(job.data)
+    dm.setup("fit")
+    members = [
+        Member(c.name, c.sae.resolve(dm.d_model), c.lr, c.lr_warmup_steps, c.grad_clip, c.seed)
+        for c in configs
+    ]
+    n_steps = job.n_train // job.data.batch_size
+    if n_steps < 1:
+        raise ValueError(f"n_train={job.n_train} is less than one batch ({job.data.batch_size}).")
+    run_id = job.run_id or new_run_id()
+    run_dir = pathlib.Path(job.runs_root) / run_id
+    ckpt_path = resolve_ckpt(job, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    configs = [dataclasses.replace(c, sae=m.sae) for c, m in zip(configs, members)]
+    shards.write_json_atomic(run_dir / "job.json", [dataclasses.asdict(c) for c in configs])
+    log = MetricsLog(run_dir, configs, run_id)
+    stats = dm.norm_stats
+    module = SAEModule(members, stats.mean_D, stats.scale, job.log_every, job.compile, log.log)
+    trainer = make_trainer(job, run_dir, n_steps)
+    val = dm.val_dataloader() or None
+    try:
+        trainer.fit(module, SeekableLoader(dm.train_dataloader(), module), val, ckpt_path=ckpt_path)
+        if val is not None:
+            trainer.validate(module, val, verbose=False)
+    except NonFiniteLossError as err:
+        last = run_dir / CKPT_DIR / "last.ckpt"
+        kept = f"last good checkpoint: {last}" if last.exists() else "no checkpoint was written yet"
+        raise NonFiniteLossError(f"{err} ({kept})") from None
+    finally:
+        log.close()
+        dm.teardown()
+    if trainer.is_global_zero:
+        export(module, configs, run_dir, dm, run_id)
+    return run_dir
+
+
+def resolve_ckpt(job: TrainConfig, run_dir: pathlib.Path) -> str | None:
+    if job.ckpt_path is None:
+        return None
+    path = (
+        run_dir / CKPT_DIR / "last.ckpt" if job.ckpt_path == "last" else pathlib.Path(job.ckpt_path)
+    )
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path} to resume from.")
+    return str(path)
+
+
+def export(module: SAEModule, configs, run_dir: pathlib.Path, dm, run_id: str) -> None:
+    """Per SAE: weights, everything needed to rebuild it, and its final metrics."""
+    for sae, c in zip(module.saes, configs):
+        out = run_dir / c.name
+        extra = {
+            "train": dataclasses.asdict(c),
+            "shards": dm.metadata.to_json(),
+            "run_id": run_id,
+            "step": module.global_step,
+        }
+        sae.save(out, extra)
+        metrics = {"step": module.global_step, **module.last_metrics[c.name]}
+        shards.write_json_atomic(out / "metrics.json", metrics)
+
+
+def expand(cfg) -> list[TrainConfig]:
+    """The job's per-SAE configs: `cfg` itself, or one composed config per sweep combination."""
+    from omegaconf import OmegaConf
+
+    base = OmegaConf.to_object(cfg)
+    if not base.sweep:
+        return [base]
+    from hydra import compose
+    from hydra.core.hydra_config import HydraConfig
+
+    hc = HydraConfig.get()
+    task = [o for o in hc.overrides.task if not o.startswith("sweep=")]
+    configs = []
+    for i, combo in enumerate(sweep_overrides(base.sweep)):
+        c = OmegaConf.to_object(compose(config_name=hc.job.config_name, overrides=task + combo))
+        if c.name is None:
+            parts = [o.split("=", 1) for o in combo]
+            suffix = "-".join(f"{k.split('.')[-1]}={v}" for k, v in parts if k != "sae")
+            c = dataclasses.replace(
+                c, name=f"{i:02d}-{c.sae.kind}" + (f"-{suffix}" if suffix else "")
+            )
+        configs.append(c)
+    return configs
+
+
+def main(cfg) -> pathlib.Path:
+    """Entry point of `train.py`."""
+    return run_or_exit(lambda: train(expand(cfg)))
+
+
+def run_or_exit(fn) -> pathlib.Path:
+    """Run `fn` (returning the run directory) and print the directory as the last line; errors
+    in what the user gave print one line `error: ...` to stderr and exit 1, with no traceback."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    user_errors = (ValueError, FileNotFoundError, shards.ShardError, NonFiniteLossError)
+    try:
+        run_dir = fn()
+    except (*user_errors, OmegaConfBaseException, HydraException) as err:
+        _fail(err)
+    print(run_dir)
+    return run_dir
+
+
+def _fail(err: BaseException) -> None:
+    msg = " ".join(str(err).split("\n")[0].split()) or type(err).__name__
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(1)
+
+
+torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+; no effect on CPU
+# SeekableLoader repositions the data on resume, so Lightning's "not resumable" warning does not
+# apply; and checkpoints are meant to hold the state after the step.
+warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
+warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")

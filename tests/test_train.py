@@ -1,0 +1,232 @@
+"""`python train.py` end to end on tiny synthetic shards, and the training job's Python API.
+
+Subprocess runs pay ~8 s of imports each, so one run trains every SAE kind through `sweep`.
+Other job-level checks call `saev.training` in-process with configs composed from the real conf/.
+"""
+
+import dataclasses
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+import safetensors.torch
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+import saev.nn
+from saev import synthetic, train_config, training
+from saev.data import DataConfig, ShardDataModule
+from saev.metrics import SAEMetrics
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+KINDS = ["relu", "topk", "batchtopk", "jumprelu", "matryoshka"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
+train_config.register()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls on a shared 2-core machine are ~10x faster without OpenMP thread contention.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def shard_root(tmp_path_factory) -> pathlib.Path:
+    cfg = synthetic.SyntheticConfig(
+        d_model=16, n_features=32, active=3, noise=0.01, offset=3.0, n_examples=160, n_patches=16,
+        examples_per_shard=64,
+    )  # fmt: skip
+    return synthetic.write(tmp_path_factory.mktemp("shards"), cfg)
+
+
+def common(shard_root, runs_root) -> list[str]:
+    return [
+        f"data.shard_root={shard_root}", "data.layer=0", "data.batch_size=128",
+        "data.val_fraction=0.125", "data.buffer_mb=4", "data.n_workers=1", "n_train=7680",
+        f"runs_root={runs_root}", "lr=3e-3", "lr_warmup_steps=5", "log_every=10",
+    ]  # fmt: skip
+
+
+def configs(overrides: list[str]) -> train_config.TrainConfig:
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        return OmegaConf.to_object(compose("train", overrides=overrides))
+
+
+def recompute_val(sae_dir: pathlib.Path) -> dict:
+    """Validation metrics of a saved SAE, from scratch: load, read the held-out split, measure."""
+    cfg = json.loads((sae_dir / "config.json").read_text())
+    sae = saev.nn.load(sae_dir)
+    dm = ShardDataModule(DataConfig(**cfg["train"]["data"]))
+    dm.setup("fit")
+    metric = SAEMetrics(sae.cfg.d_model, sae.cfg.d_sae)
+    with torch.no_grad():
+        for batch in dm.val_dataloader():
+            out = sae(batch["act"])
+            metric.update(batch["act"], out.x_hat, out.f_x)
+    dm.teardown()
+    return metric.compute()
+
+
+@pytest.mark.slow
+def test_every_kind_trains_loads_and_matches_logged_metrics(shard_root, tmp_path):
+    sweep = "sweep={sae: [" + ", ".join(KINDS) + "]}"
+    cmd = [
+        sys.executable,
+        "train.py",
+        *common(shard_root, tmp_path),
+        "sae.exp_factor=4",
+        "val_every=20",
+        sweep,
+    ]
+    res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    run_dir = pathlib.Path(res.stdout.strip().splitlines()[-1])
+    assert run_dir.parent == tmp_path
+    dirs = sorted(p for p in run_dir.iterdir() if (p / "sae.safetensors").exists())
+    assert [d.name for d in dirs] == [f"{i:02d}-{k}" for i, k in enumerate(KINDS)] or len(dirs) == 5
+    for d in dirs:
+        sae = saev.nn.load(d)
+        logged = json.loads((d / "metrics.json").read_text())
+        assert logged["step"] == 60
+        got = recompute_val(d)
+        # Better than predicting the mean (whose nmse is 1) by a wide margin.
+        assert logged["val"]["nmse"] < 0.5, (d.name, logged["val"])
+        for key in ("nmse", "explained_variance", "l0", "dead", "dense"):
+            assert logged["val"][key] == pytest.approx(float(got[key]), rel=1e-4, abs=1e-6), (
+                d.name,
+                key,
+            )
+        assert sae.W_dec.shape == (64, 16)
+        rows = (d / "metrics.csv").read_text().splitlines()
+        assert rows[0] == "step,metric,value"
+        steps_with_val = {int(r.split(",")[0]) for r in rows[1:] if r.split(",")[1] == "val/nmse"}
+        assert steps_with_val == {20, 40, 60}  # val_every=20, and at the end
+        assert any(r.startswith("60,train/nmse,") for r in rows)
+        config = json.loads((d / "config.json").read_text())
+        assert config["shards"]["d_model"] == 16 and config["train"]["data"]["layer"] == 0
+    # One offline W&B run per SAE, grouped by the job.
+    assert len(list((run_dir / "wandb").glob("offline-run-*"))) == len(KINDS)
+
+
+def run_api(overrides: list[str], names=None) -> pathlib.Path:
+    cfg = configs(overrides + ["wandb.enabled=false"])
+    cfgs = [cfg] if names is None else [dataclasses.replace(cfg, name=n) for n in names]
+    return training.train(cfgs)
+
+
+def weights(path: pathlib.Path) -> dict:
+    return safetensors.torch.load_file(path / "sae.safetensors")
+
+
+def test_resume_from_last_checkpoint_is_exact(shard_root, tmp_path):
+    base = common(shard_root, tmp_path) + ["sae=relu", "sae.exp_factor=2", "ckpt_every=5"]
+    full = run_api(base + ["run_id=full"])
+    # The interrupted run stops at step 25 of 60 (its last checkpoint), then resumes: schedules
+    # depend only on the step, and the loader is repositioned to the step's batch.
+    run_api(base + ["run_id=cut", "n_train=3200"])
+    resumed = run_api(base + ["run_id=cut", "ckpt_path=last"])
+    a, b = weights(full / "00-relu"), weights(resumed / "00-relu")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert json.loads((resumed / "00-relu" / "metrics.json").read_text())["step"] == 60
+
+
+def test_normalization_changes_what_the_sae_sees(shard_root, tmp_path):
+    base = common(shard_root, tmp_path) + [
+        "sae=topk",
+        "sae.exp_factor=2",
+        "sae.k=3",
+        "n_train=1280",
+    ]
+    plain = run_api(base + ["run_id=plain"]) / "00-topk"
+    scaled = (
+        run_api(base + ["run_id=scaled", "data.scale_mean=true", "data.scale_norm=true"])
+        / "00-topk"
+    )
+    a, b = saev.nn.load(plain), saev.nn.load(scaled)
+    assert torch.equal(a.norm_mean, torch.zeros(16)) and a.norm_scale == 1.0
+    x = next(iter(saev.data.OrderedLoader(shard_root, 0, 512, n_workers=0, buffer_mb=1)))["act"]
+    seen = b.normalize(x)
+    # The synthetic offset (norm 3) is removed and the mean squared norm becomes d_model.
+    assert x.mean(0).norm() > 2.5 and seen.mean(0).norm() < 0.3
+    assert seen.pow(2).sum(-1).mean() == pytest.approx(16, rel=0.1)
+    assert not torch.allclose(a.W_dec, b.W_dec)
+    # Both checkpoints take raw activations: the scaled SAE reconstructs raw inputs.
+    assert ((b(x).x_hat - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum()) < 0.5
+    config = json.loads((scaled / "config.json").read_text())
+    assert config["normalization"]["scale"] == pytest.approx(float(b.norm_scale))
+
+
+def test_sparsity_and_lr_warmup_are_logged(shard_root, tmp_path):
+    base = common(shard_root, tmp_path) + ["sae=relu", "sae.exp_factor=2", "n_train=2560"]
+    run = run_api(base + ["sae.sparsity_warmup_steps=40", "lr_warmup_steps=40", "log_every=5"])
+    rows = [r.split(",") for r in (run / "00-relu" / "metrics.csv").read_text().splitlines()[1:]]
+    coeff = {int(s): float(v) for s, k, v in rows if k == "train/sparsity_coeff"}
+    lr = {int(s): float(v) for s, k, v in rows if k == "train/lr"}
+    assert coeff[10] == pytest.approx(4e-4 * 10 / 40) and coeff[20] == pytest.approx(4e-4 * 20 / 40)
+    assert lr[10] == pytest.approx(3e-3 * 11 / 40) and lr[20] < lr[5] * 5
+
+
+def test_non_finite_loss_stops_naming_sae_and_step(shard_root, tmp_path, capsys):
+    base = common(shard_root, tmp_path) + ["sae=relu", "sae.exp_factor=2", "ckpt_every=1"]
+    cfg = configs(base + ["wandb.enabled=false", "lr_warmup_steps=0", "run_id=boom"])
+    ok = dataclasses.replace(cfg, name="ok", lr=1e-3)
+    # Adam moves each weight by ~lr per step; without the unit-norm decoder the reconstruction
+    # grows like (lr * step)^2 until its squared error overflows float32 a few steps in.
+    unbounded = dataclasses.replace(cfg.sae, normalize_decoder=False)
+    bad = dataclasses.replace(cfg, name="bad", lr=1e5, sae=unbounded)
+    with pytest.raises(SystemExit) as exc:
+        training.run_or_exit(lambda: training.train([ok, bad]))
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: non-finite loss for SAE bad at step ") and "\n" not in err
+    ckpt = tmp_path / "boom" / "checkpoints" / "last.ckpt"
+    assert f"last good checkpoint: {ckpt}" in err
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("sae.d_model=99", "sae.d_model=99 but the shards hold d_model=16"),
+        ("sae.k=1000", "sae.k=1000 is larger than d_sae=32"),
+        ("sae.d_sae=0", "sae.d_sae must be positive"),
+        ("lr=0", "lr must be positive"),
+        ("sae.activation=gelu", "unknown SAE activation 'gelu'"),
+        ("sae=gelu", "Could not find 'sae/gelu'"),
+        ("sae.sparsity_coeff=1.0", "sae.sparsity_coeff applies only to"),
+        ("data.layer=3", "layer 3"),
+    ],
+)
+def test_bad_input_fails_before_training(shard_root, tmp_path, capsys, override, message):
+    overrides = common(shard_root, tmp_path) + ["sae=topk", "sae.exp_factor=2", override]
+    with pytest.raises(SystemExit) as exc:
+        training.run_or_exit(lambda: training.train([configs(overrides)]))
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and message in err, err
+    assert not list(tmp_path.glob("*/checkpoints"))
+
+
+@pytest.mark.slow
+def test_cli_error_is_one_line(shard_root, tmp_path):
+    cmd = [
+        sys.executable,
+        "train.py",
+        *common(shard_root, tmp_path),
+        "sae.exp_factor=2",
+        "sae.k=1000",
+    ]
+    res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 1
+    assert res.stderr.strip().splitlines()[-1] == "error: sae.k=1000 is larger than d_sae=32."
+    assert "Traceback" not in res.stderr
