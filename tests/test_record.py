@@ -344,3 +344,94 @@ def test_errors_after_the_model_loads(tmp_path, photos):
         not (full / "shards.json").exists() or json.loads((full / "shards.json").read_text()) == []
     )
     assert sorted(p.name for p in full.iterdir()) == [".lock", "examples.jsonl", "metadata.json"]
+
+
+# In process: the same `saev.recording.record` that record.py calls, without import overhead.
+
+
+@pytest.mark.slow
+def test_rerun_of_a_finished_run_with_skipped_images_changes_nothing(
+    tiny_run, photos, tiny_weights
+):
+    from saev import recording
+    from saev.record_config import ImageFolderConfig, ModelConfig, RecordConfig
+
+    root = shard_dir(tiny_run[2])
+    before = {p.name: p.read_bytes() for p in root.iterdir()}
+    cfg = RecordConfig(
+        model=ModelConfig(ckpt=TINY_REG, weights=str(tiny_weights)),
+        data=ImageFolderConfig(root=str(photos), skip_bad_images=True),
+        layers=[1, -1],
+        cls_token=True,
+        max_patches_per_shard=80,
+        batch_size=3,
+        n_workers=0,
+        dump_to=str(root.parent),
+    )
+    assert recording.record(cfg) == root
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == before
+
+
+@pytest.mark.slow
+def test_ade20k_records_patch_labels_and_resumes_them(tmp_path):
+    from saev import recording
+    from saev.record_config import Ade20kConfig, RecordConfig
+
+    ade = tmp_path / "ADEChallengeData2016"
+    (ade / "annotations" / "training").mkdir(parents=True)
+    (ade / "images" / "training").mkdir(parents=True)
+    for i, name in enumerate(["astronaut.png", "chelsea.png", "coffee.png"]):
+        from PIL import Image
+
+        Image.open(SKIMAGE_DATA / name).convert("RGB").save(
+            ade / "images" / "training" / f"{i}.jpg"
+        )
+        mask_HW = np.full((64, 64), 10 * i + 1, np.uint8)
+        mask_HW[:, 32:] = 10 * i + 2
+        Image.fromarray(mask_HW).save(ade / "annotations" / "training" / f"{i}.png")
+    cfg = RecordConfig(
+        data=Ade20kConfig(root=str(ade)),
+        max_patches_per_shard=34,  # 2 examples per shard
+        batch_size=2,
+        n_workers=0,
+        dump_to=str(tmp_path / "shards"),
+    )
+    root = recording.record(cfg)
+    md = json.loads((root / "metadata.json").read_text())
+    assert md["data"]["name"] == "ade20k" and md["data"]["patch_labels"].startswith("labels.bin")
+    labels = np.fromfile(root / shards.PATCH_LABELS_NAME, np.uint8).reshape(3, 16)
+    expected = [[10 * i + 1, 10 * i + 1, 10 * i + 2, 10 * i + 2] * 4 for i in range(3)]
+    assert labels.tolist() == expected  # left half, right half of each 4x4 patch grid
+    clean = {p.name: p.read_bytes() for p in root.iterdir()}
+
+    # Undo the last shard as a kill after its labels but before shards.json would leave it.
+    (root / "shards.json").write_text(
+        json.dumps(json.loads((root / "shards.json").read_text())[:1])
+    )
+    assert recording.record(cfg) == root
+    assert {p.name: p.read_bytes() for p in root.iterdir()} == clean
+
+
+def test_every_config_file_composes_into_the_typed_schema(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from saev.record_config import DATA_SCHEMAS, ModelConfig, RecordConfig
+
+    conf = REPO / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        default = OmegaConf.to_object(compose("record"))
+        assert isinstance(default, RecordConfig)
+        assert (default.model.family, default.data.name) == ("tiny", "synthetic")
+        for path in sorted((conf / "model").glob("*.yaml")):
+            cfg = OmegaConf.to_object(compose("record", [f"model={path.stem}"]))
+            assert isinstance(cfg.model, ModelConfig) and cfg.model.family == path.stem
+        for path in sorted((conf / "data").glob("*.yaml")):
+            root = [] if path.stem == "synthetic" else [f"data.root={tmp_path}"]
+            cfg = OmegaConf.to_object(compose("record", [f"data={path.stem}", *root]))
+            assert isinstance(cfg.data, DATA_SCHEMAS[path.stem])
+        launcher = compose("record", ["hydra/launcher=slurm"], return_hydra_config=True)
+        slurm = launcher.hydra.launcher
+        assert slurm._target_.endswith("SlurmLauncher")
+        assert (slurm.gpus_per_node, slurm.cpus_per_task) == (1, 16)
+        assert slurm.timeout_min > 0 and "account" in slurm and "partition" in slurm
