@@ -60,6 +60,8 @@ def record(cfg: RecordConfig) -> pathlib.Path:
     if cfg.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = device or torch.device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RecordError(f"device={cfg.device} but CUDA is not available here; use device=cpu.")
     vit = vitlib.load(cfg.model, device)
     blocks = vit.resolve_layers(cfg.layers)
     cls_token = vit.has_cls if cfg.cls_token is None else cfg.cls_token
@@ -89,7 +91,7 @@ def record(cfg: RecordConfig) -> pathlib.Path:
                     f"resuming {writer.root} after {writer.n_done} recorded examples",
                     file=sys.stderr,
                 )
-            _run(cfg, vit, recorder, dataset, writer, start, device)
+            record_loop(cfg, vit, recorder, dataset, writer, start, device)
         writer.finish()
     recorder.close()
     return writer.root
@@ -147,7 +149,9 @@ def collate(samples) -> Batch:
     )
 
 
-def _run(cfg, vit, recorder, dataset, writer, start: int, device) -> None:
+def record_loop(cfg, vit, recorder, dataset, writer, start: int, device) -> None:
+    """Decode, forward and write every candidate image from `start` on (`benchmarks/record.py`
+    times this against the bare forward pass)."""
     import torch
     from tqdm import tqdm
 

@@ -1,0 +1,132 @@
+"""Recording throughput against the bare forward pass, on the same already-decoded images.
+
+    python benchmarks/record.py   # random ViT-Ti/16 (12 blocks, d 192) at 96 px: CPU-sized
+    python benchmarks/record.py --family timm --ckpt vit_base_patch16_224 --device cuda
+
+Both sides see identical image tensors, so decoding is out of the picture. The recording side is
+`saev.recording.record_loop`, the loop `record.py` runs: DataLoader and collate, hooked forward
+that stops after the last recorded block, narrowing and copy to the host, the writer thread and
+shard files written (and fsynced) to a temporary directory. The bare side calls the trunk's own
+forward on each batch. Each side runs `--repeats` times, alternating, and the best time counts,
+since other processes on a shared machine only ever slow a run down.
+"""
+
+import argparse
+import dataclasses
+import tempfile
+import time
+
+import torch
+
+from saev import images, recording, shards
+from saev import vit as vitlib
+from saev.record_config import ModelConfig, RecordConfig, SyntheticConfig
+
+
+@dataclasses.dataclass
+class PreDecoded:
+    """Images already run through the model's transform; `load` hands out the tensors."""
+
+    x_NCHW: torch.Tensor
+    has_patch_labels = False
+
+    def __len__(self) -> int:
+        return len(self.x_NCHW)
+
+    def load(self, i: int) -> torch.Tensor:
+        return self.x_NCHW[i]
+
+    def describe(self) -> dict:
+        return {"name": "pre-decoded", "n_images": len(self)}
+
+    def source(self, i: int) -> dict:
+        return {"index": i}
+
+
+def bare(vit: vitlib.ViT, x_NCHW: torch.Tensor, batch_size: int, device) -> float:
+    start = time.perf_counter()
+    with torch.inference_mode():
+        for b in range(0, len(x_NCHW), batch_size):
+            out = vit.forward(x_NCHW[b : b + batch_size].to(device))
+            float(out.flatten()[0])  # wait for the device, as recording waits for its copy
+    return time.perf_counter() - start
+
+
+def recorded(cfg: RecordConfig, vit: vitlib.ViT, data: PreDecoded, device) -> float:
+    blocks = vit.resolve_layers(cfg.layers)
+    recorder = vitlib.Recorder(vit, blocks, cls_token=vit.has_cls)
+    n_vectors = len(blocks) * (vit.n_patches + int(vit.has_cls))
+    md = shards.Metadata(
+        model=vit.description,
+        layers=tuple(cfg.layers),
+        cls_token=vit.has_cls,
+        n_patches_per_example=vit.n_patches,
+        d_model=vit.d_model,
+        dtype=cfg.dtype,
+        n_examples=len(data),
+        examples_per_shard=cfg.max_patches_per_shard // n_vectors,
+        data=data.describe(),
+    )
+    identity = dataclasses.replace(vit, transform=lambda x: x)
+    with tempfile.TemporaryDirectory() as dump_to:
+        start = time.perf_counter()
+        with shards.ShardWriter(dump_to, md) as writer:
+            recording.record_loop(cfg, identity, recorder, data, writer, 0, device)
+            writer.finish()
+        elapsed = time.perf_counter() - start
+    recorder.close()
+    return elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", default="tiny")
+    parser.add_argument("--ckpt", default="img96-patch16-dim192-depth12-heads3")
+    parser.add_argument("--n-images", type=int, default=512)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--layers", type=int, nargs="+", default=[-1])
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--max-patches-per-shard", type=int, default=200_000)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    cfg = RecordConfig(
+        model=ModelConfig(family=args.family, ckpt=args.ckpt, pretrained=False),
+        data=SyntheticConfig(n_images=args.n_images),
+        layers=args.layers,
+        dtype=args.dtype,
+        max_patches_per_shard=args.max_patches_per_shard,
+        batch_size=args.batch_size,
+        n_workers=0,  # the images are decoded already
+        device=args.device,
+    )
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.device != "auto":
+        device = torch.device(args.device)
+    vit = vitlib.load(cfg.model, device)
+    synthetic = images.SyntheticDataset(args.n_images, seed=0)
+    data = PreDecoded(
+        torch.stack([vit.transform(synthetic.load(i)) for i in range(len(synthetic))])
+    )
+    bare(vit, data.x_NCHW[: args.batch_size], args.batch_size, device)  # warm-up
+
+    bare_s, record_s = [], []
+    for _ in range(args.repeats):
+        bare_s.append(bare(vit, data.x_NCHW, args.batch_size, device))
+        record_s.append(recorded(cfg, vit, data, device))
+    bare_ips, record_ips = args.n_images / min(bare_s), args.n_images / min(record_s)
+    print(
+        f"model {args.family}:{args.ckpt} on {device}, {args.n_images} images, batch "
+        f"{args.batch_size}, layers {args.layers}, {args.dtype}, torch threads "
+        f"{torch.get_num_threads()}"
+    )
+    print(f"bare forward : {bare_ips:8.1f} images/s (best of {args.repeats})")
+    print(f"record loop  : {record_ips:8.1f} images/s (best of {args.repeats})")
+    print(
+        f"ratio bare/record = {bare_ips / record_ips:.3f} ({bare_ips / record_ips - 1:+.1%} time)"
+    )
+
+
+if __name__ == "__main__":
+    main()
