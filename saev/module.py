@@ -89,9 +89,10 @@ class SAEModule(L.LightningModule):
     def sparsity_scales(self, step: int) -> list[float]:
         return [warmup(step, m.sae.sparsity_warmup_steps or 0) for m in self.members]
 
-    def forward_all(self, x_BD: Tensor, scales_N: Tensor) -> list[Output]:
-        """Every SAE on the same raw batch; `scales_N` are the sparsity warmup factors."""
-        return [sae(x_BD, scales_N[i]) for i, sae in enumerate(self.saes)]
+    def forward_all(self, x_BD: Tensor, scales_N: Tensor, dead_N: tuple[bool, ...]) -> list[Output]:
+        """Every SAE on the same raw batch; `scales_N` are the sparsity warmup factors, `dead_N`
+        whether each SAE has trained long enough for a latent to be dead (else AuxK is skipped)."""
+        return [sae(x_BD, scales_N[i], dead_N[i]) for i, sae in enumerate(self.saes)]
 
     def training_step(self, batch: dict, batch_idx: int) -> None:
         x_BD = batch["act"]
@@ -100,7 +101,9 @@ class SAEModule(L.LightningModule):
             for sae in self.saes:
                 sae.init_b_dec_(x_BD)
         scales_N = torch.tensor(self.sparsity_scales(step), device=x_BD.device)
-        outs = self._forward(x_BD, scales_N)
+        # No latent can be dead before dead_after_tokens tokens: skip AuxK's top-k until then.
+        dead_N = tuple(self.tokens_seen >= m.sae.dead_after_tokens for m in self.members)
+        outs = self._forward(x_BD, scales_N, dead_N)
         losses_N = torch.stack([o.loss for o in outs])
         self._check_finite(losses_N, step)
         opt, sched = self.optimizers(), self.lr_schedulers()

@@ -321,11 +321,15 @@ class SAE(nn.Module):
         """Raw-space reconstruction [B, D] of latents [B, S]."""
         return self.denormalize(f_BS @ self.W_dec + self.b_dec)
 
-    def forward(self, x_BD: Tensor, sparsity_scale: float | Tensor = 1.0) -> Output:
-        """Encode, decode and compute losses; `sparsity_scale` is the warmup factor in [0, 1]."""
+    def forward(
+        self, x_BD: Tensor, sparsity_scale: float | Tensor = 1.0, may_be_dead: bool = True
+    ) -> Output:
+        """Encode, decode and compute losses; `sparsity_scale` is the warmup factor in [0, 1].
+        `may_be_dead=False` (fewer than dead_after_tokens tokens trained) skips AuxK's top-k."""
         x_norm_BD = self.normalize(x_BD)
         pre_BS = self.pre_acts(x_norm_BD)
-        return self.losses(x_norm_BD, pre_BS, self.activate(pre_BS), sparsity_scale)
+        f_BS = self.activate(pre_BS)
+        return self.losses(x_norm_BD, pre_BS, f_BS, sparsity_scale, may_be_dead=may_be_dead)
 
     # -- losses --------------------------------------------------------------------------------
     def losses(
@@ -335,6 +339,7 @@ class SAE(nn.Module):
         f_BS: Tensor,
         sparsity_scale=1.0,
         x_hat_BD: Tensor | None = None,
+        may_be_dead: bool = True,
     ) -> Output:
         """Losses of normalized inputs given their pre-activations and latents (x_hat_BD, in
         normalized space, may be passed in when already computed for the whole dictionary)."""
@@ -356,7 +361,7 @@ class SAE(nn.Module):
             sparsity = cfg.sparsity_coeff * sparsity_scale * l0_BS.sum(-1).mean()
         aux = zero
         if self.training:
-            if cfg.activation in TOPK_FAMILY and cfg.aux_k > 0:
+            if cfg.activation in TOPK_FAMILY and cfg.aux_k > 0 and may_be_dead:
                 aux = self._auxk(x_BD - x_hat_BD, pre_BS)
             self._update_fired(f_BS)
         loss = mse + sparsity + aux

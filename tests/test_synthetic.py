@@ -43,6 +43,7 @@ def test_offset_and_noise_change_the_data(tmp_path):
     assert np.allclose(np.linalg.norm(xb - xa, axis=-1), 10.0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_cli_and_bad_input(tmp_path):
     cmd = [
         sys.executable,

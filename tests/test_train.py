@@ -230,3 +230,57 @@ def test_cli_error_is_one_line(shard_root, tmp_path):
     assert res.returncode == 1
     assert res.stderr.strip().splitlines()[-1] == "error: sae.k=1000 is larger than d_sae=32."
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.slow
+def test_recovery_of_true_features(tmp_path):
+    """TopK, BatchTopK and ReLU each find >= 90% of a known dictionary's features (cos > 0.9)."""
+    syn = synthetic.SyntheticConfig(
+        d_model=16, n_features=32, active=3, noise=0.01, n_examples=256, n_patches=64,
+        examples_per_shard=256,
+    )  # fmt: skip
+    root = synthetic.write(tmp_path, syn)
+    data = [
+        f"data.shard_root={root}", "data.layer=0", "data.batch_size=256", "data.val_fraction=0.02",
+        "data.buffer_mb=16", "data.n_workers=1", "n_train=102400", f"runs_root={tmp_path}",
+        "lr=3e-3", "lr_warmup_steps=20", "log_every=100", "ckpt_every=100000",
+        "wandb.enabled=false",
+    ]  # fmt: skip
+    width = ["sae.d_sae=128", "sae.exp_factor=null"]
+    aux = ["sae.aux_k=64", "sae.dead_after_tokens=50000"]
+    kinds = {
+        "topk": ["sae=topk", "sae.k=3", *aux],
+        "batchtopk": ["sae=batchtopk", "sae.k=3", *aux],
+        "relu": ["sae=relu", "sae.sparsity_coeff=3e-3", "sae.sparsity_warmup_steps=100"],
+    }
+    cfgs = [dataclasses.replace(configs(data + width + o), name=n) for n, o in kinds.items()]
+    run_dir = training.train(cfgs)
+    dict_FD = synthetic.load_dictionary(root)
+    for name in kinds:
+        got = synthetic.recovery(saev.nn.load(run_dir / name).W_dec, dict_FD)
+        assert got["recovered"] >= 0.9, (name, got)
+        assert got["mean_best_cos"] > 0.9, (name, got)
+
+
+def test_bf16_mixed_precision_trains(shard_root, tmp_path):
+    base = common(shard_root, tmp_path) + [
+        "sae=topk",
+        "sae.exp_factor=2",
+        "sae.k=3",
+        "n_train=1280",
+    ]
+    run = run_api(base + ["precision=bf16-mixed"]) / "00-topk"
+    ref = run_api(base + ["run_id=fp32"]) / "00-topk"
+    a, b = weights(run), weights(ref)
+    assert a["W_dec"].dtype == torch.float32  # mixed precision keeps float32 weights
+    assert not torch.equal(a["W_dec"], b["W_dec"])  # but the step ran in bf16
+    assert json.loads((run / "metrics.json").read_text())["val"]["nmse"] < 0.8
+
+
+@pytest.mark.slow
+def test_compiled_step_matches_eager(shard_root, tmp_path):
+    base = common(shard_root, tmp_path) + ["sae=relu", "sae.exp_factor=2", "n_train=640"]
+    eager = weights(run_api(base + ["run_id=eager"]) / "00-relu")
+    compiled = weights(run_api(base + ["run_id=compiled", "compile=true"]) / "00-relu")
+    for key in eager:
+        torch.testing.assert_close(compiled[key], eager[key], rtol=1e-4, atol=1e-5)
