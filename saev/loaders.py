@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 TOKENS = ("patches", "cls", "all")
 # Below this many bytes per example run, one fancy-indexed read per shard beats a loop of copies.
 SMALL_RUN_BYTES = 64 * 1024
+HALF_EXPONENT = {"float16": 0x7C00, "bfloat16": 0x7F80}
 
 
 class NonFiniteError(shards.ShardError, ValueError):
@@ -82,102 +83,139 @@ def select(md: shards.Metadata, layer: int, tokens: str) -> Selection:
     return Selection(int(layer), layer_i, 0, n)
 
 
-class Source:
-    """Copies the selected rows of a sorted list of examples into a float32 `[rows, d_model]` array.
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How an epoch is cut into *units*: runs of `run` consecutive selected tokens of one example.
 
-    Lives in each worker process; memmaps are opened once per shard and per process, read-only.
+    Unit `u` is run `u % n_runs` of example `u // n_runs`; the last run of an example may be
+    shorter. Runs are contiguous in the file, and at least `run_kb` long where an example allows,
+    so reads stay large while a buffer mixes many more examples than whole examples would.
     """
 
-    def __init__(self, shard_set: shards.ShardSet, sel: Selection):
-        self.shard_set, self.sel = shard_set, sel
-        self.dtype = shard_set.metadata.dtype
+    sel: Selection
+    run: int
+    n_runs: int
+
+    @classmethod
+    def make(cls, sel: Selection, row_bytes: int, run_kb: float) -> Layout:
+        n_runs = max(1, min(sel.n_tokens, int(sel.n_tokens * row_bytes // (run_kb * 1024))))
+        run = math.ceil(sel.n_tokens / n_runs)
+        return cls(sel, run, math.ceil(sel.n_tokens / run))
+
+    def units(self, examples: np.ndarray) -> np.ndarray:
+        return (examples[:, None] * self.n_runs + np.arange(self.n_runs)).reshape(-1)
+
+    def decode(self, units: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(example, first token, number of tokens) of each unit."""
+        start = self.sel.t0 + (units % self.n_runs) * self.run
+        return units // self.n_runs, start, np.minimum(self.run, self.sel.t1 - start)
+
+    def rows(self, units: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """example_idx and token_idx of each row that `units` fill, in fill order."""
+        ex_U, start_U, len_U = self.decode(units)
+        first_U = np.cumsum(len_U) - len_U
+        tok_R = np.arange(int(len_U.sum())) + np.repeat(start_U - first_U, len_U)
+        return np.repeat(ex_U, len_U), tok_R
+
+
+class Source:
+    """Copies the rows of a sorted list of units into a `[rows, d_model]` array.
+
+    Values stay in the storage dtype (float16/bfloat16 are up-cast when batches are cut, which
+    halves the work here and doubles the rows a buffer holds). Lives in each worker process;
+    memmaps are opened once per shard and per process, read-only.
+    """
+
+    def __init__(self, shard_set: shards.ShardSet, layout: Layout):
+        self.shard_set, self.layout = shard_set, layout
+        md = shard_set.metadata
+        self.dtype, self.n_layers, self.n_tokens = md.dtype, md.n_layers, md.n_tokens_per_example
         self.starts = np.array([f.first_example for f in shard_set.files], dtype=np.int64)
-        self._memmaps: dict[int, np.memmap] = {}
-        self._staging: np.ndarray | None = None
+        self._flat: dict[int, np.ndarray] = {}
 
-    def _memmap(self, i: int) -> np.memmap:
-        if i not in self._memmaps:
-            self._memmaps[i] = self.shard_set.memmap(i)
-        return self._memmaps[i]
+    def _rows_of(self, i: int) -> np.ndarray:
+        """Shard i as a read-only `[examples * layers * tokens, d_model]` view."""
+        if i not in self._flat:
+            mm = self.shard_set.memmap(i).reshape(-1, self.shard_set.metadata.d_model)
+            self._flat[i] = mm.view(
+                np.ndarray
+            )  # plain ndarray: slicing skips memmap's Python hooks
+        return self._flat[i]
 
-    def _convert(self, src: np.ndarray, dst: np.ndarray) -> None:
-        """dst (float32) <- src (storage dtype), same shape."""
+    def _finite_sum(self, x: np.ndarray) -> bool:
+        """False if x holds NaN or inf (or, rarely, finite float32 values whose sum overflows)."""
         if self.dtype == "float32":
-            np.copyto(dst, src)
-            return
-        # numpy's half->float is ~1.6 GB/s here, torch's is ~14 GB/s; stage the 16-bit values in a
-        # reused writable array first because torch refuses read-only memmaps.
-        if self._staging is None or self._staging.size < src.size:
-            self._staging = np.empty(src.size, dtype=src.dtype)
-        staged = self._staging[: src.size].reshape(src.shape)
-        np.copyto(staged, src)
-        staged_t = torch.from_numpy(staged)
-        if self.dtype == "bfloat16":
-            staged_t = staged_t.view(torch.bfloat16)
-        torch.from_numpy(dst).copy_(staged_t)
+            return bool(np.isfinite(x.sum()))
+        # 16-bit floats: NaN and inf have an all-ones exponent, the largest magnitudes' bits.
+        # (numpy sums float16 in software, and torch's float16 sum is slower still.)
+        return int(np.bitwise_and(x.view(np.uint16), 0x7FFF).max()) < HALF_EXPONENT[self.dtype]
 
-    def fill(
-        self, examples: np.ndarray, dst_RD: np.ndarray
-    ) -> tuple[int, str | None, np.ndarray | None]:
-        """Fill `dst_RD[: len(examples) * n_tokens]`; examples are global indices, ascending.
+    def fill(self, units: np.ndarray, dst_RD: np.ndarray, perm_R: np.ndarray | None = None):
+        """Copy the rows of `units` (ascending) into `dst_RD`: row r of the fill goes to
+        `perm_R[r]`, or to r without a permutation. Returns `check`'s result."""
+        ex_U, start_U, len_U = self.layout.decode(units)
+        file_U = np.searchsorted(self.starts, ex_U, side="right") - 1
+        src_U = (ex_U - self.starts[file_U]) * self.n_layers + self.layout.sel.layer_i
+        src_U = src_U * self.n_tokens + start_U  # first row of each unit in its file's flat view
+        dst_U = np.cumsum(len_U) - len_U
+        n_rows, suspect = int(len_U.sum()), []
 
-        Returns (number of non-finite rows, a description of the first one, a mask of finite
-        rows or None when all are finite).
-        """
-        sel, T = self.sel, self.sel.n_tokens
-        dst_NTD = dst_RD[: len(examples) * T].reshape(len(examples), T, -1)
-        file_i = np.searchsorted(self.starts, examples, side="right") - 1
-        bounds = np.flatnonzero(np.diff(file_i)) + 1
-        suspect = []
-        run_bytes = T * dst_NTD.shape[-1] * shards.DTYPE_ITEMSIZE[self.dtype]
-        for a, b in zip(np.r_[0, bounds], np.r_[bounds, len(examples)]):
-            i = int(file_i[a])
-            mm, local = self._memmap(i), examples[a:b] - self.starts[i]
-            if run_bytes < SMALL_RUN_BYTES:
-                self._convert(mm[local, sel.layer_i, sel.t0 : sel.t1], dst_NTD[a:b])
-                if not np.isfinite(dst_NTD[a:b].sum()):
-                    suspect.append((a, b))
-                continue
-            # Consecutive examples form one strided copy; a random fill is mostly single examples.
-            breaks = np.flatnonzero(np.diff(local) != 1) + 1
-            for c, d in zip(np.r_[0, breaks], np.r_[breaks, len(local)]):
-                out = dst_NTD[a + c : a + d]
-                self._convert(mm[local[c] : local[d - 1] + 1, sel.layer_i, sel.t0 : sel.t1], out)
-                # One sum per run while it is in cache: NaN, inf (and overflow) make it non-finite.
-                if not np.isfinite(out.sum()):
-                    suspect.append((a + c, a + d))
+        def put(r0: int, r1: int, src_rows: np.ndarray) -> None:
+            if perm_R is None:
+                np.copyto(dst_RD[r0:r1], src_rows)
+            else:  # the shuffle itself: scattering here spares the main process a gather
+                dst_RD[perm_R[r0:r1]] = src_rows
+            # One sum per range while it is in cache: NaN, inf (and overflow) make it non-finite.
+            if not self._finite_sum(src_rows):
+                suspect.append((r0, r1))
+
+        if len_U.max() * dst_RD[0].nbytes < SMALL_RUN_BYTES:
+            # Short runs (CLS only): one vectorized gather per file instead of a loop of copies.
+            src_R = np.repeat(src_U - dst_U, len_U) + np.arange(n_rows)
+            bounds = np.r_[0, np.flatnonzero(np.diff(file_U)) + 1, len(units)]
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                r0, r1 = dst_U[a], dst_U[b - 1] + len_U[b - 1]
+                put(r0, r1, np.take(self._rows_of(int(file_U[a])), src_R[r0:r1], axis=0))
+        else:
+            # Merge units adjacent in the same file (ordered reading), then copy each range.
+            joined = (file_U[1:] == file_U[:-1]) & (src_U[1:] == src_U[:-1] + len_U[:-1])
+            bounds = np.r_[0, np.flatnonzero(~joined) + 1, len(units)]
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                r0, r1, s0 = dst_U[a], dst_U[b - 1] + len_U[b - 1], src_U[a]
+                put(r0, r1, self._rows_of(int(file_U[a]))[s0 : s0 + r1 - r0])
         if not suspect:
             return 0, None, None
-        return self._locate_nonfinite(examples, dst_NTD, suspect)
+        return self.check(units, dst_RD[:n_rows] if perm_R is None else dst_RD[perm_R], suspect)
 
-    def _locate_nonfinite(self, examples, dst_NTD, suspect):
-        finite_NT = np.ones(dst_NTD.shape[:2], dtype=bool)
+    def check(self, units, acts_RD, suspect) -> tuple[int, str | None, np.ndarray | None]:
+        """(number of non-finite rows, where the first is, mask of finite rows in fill order or
+        None); `acts_RD` is in fill order."""
+        finite_R = np.ones(len(acts_RD), dtype=bool)
         for a, b in suspect:
-            finite_NT[a:b] = np.isfinite(dst_NTD[a:b]).all(axis=-1)
-        bad = np.argwhere(~finite_NT)
+            finite_R[a:b] = np.isfinite(shards.to_float32(acts_RD[a:b], self.dtype)).all(axis=-1)
+        bad = np.flatnonzero(~finite_R)
         if len(bad) == 0:  # the sums overflowed but every value is finite
             return 0, None, None
-        n, t = (int(x) for x in bad[0])
-        ex = int(examples[n])
+        ex_R, tok_R = self.layout.rows(units)
+        ex, tok = int(ex_R[bad[0]]), int(tok_R[bad[0]])
         f = self.shard_set.files[int(np.searchsorted(self.starts, ex, side="right") - 1)]
         where = (
-            f"{f.path.name} (example {ex}, #{ex - f.first_example} in that file; token "
-            f"{self.sel.t0 + t}; layer {self.sel.layer})"
+            f"{f.path.name} (example {ex}, #{ex - f.first_example} in that file; token {tok}; "
+            f"layer {self.layout.sel.layer})"
         )
-        return len(bad), where, finite_NT.reshape(-1)
+        return len(bad), where, finite_R
 
 
-def _worker_main(source: Source, buf, d_model: int, slot_rows: int, tasks, results) -> None:
+def _worker_main(source: Source, slots_SRD: np.ndarray, tasks, results) -> None:
     # One intra-op thread: the parallelism is across workers, and OpenMP is not fork-safe.
     torch.set_num_threads(1)
-    slots = np.frombuffer(buf, dtype=np.float32).reshape(-1, slot_rows, d_model)
     while True:
         msg = tasks.get()
         if msg is None:
             return
-        gen, j, slot, examples = msg
+        gen, j, slot, units, perm_R = msg
         try:
-            results.put((gen, j, source.fill(examples, slots[slot]), None))
+            results.put((gen, j, source.fill(units, slots_SRD[slot], perm_R), None))
         except BaseException:
             results.put((gen, j, None, traceback.format_exc()))
 
@@ -188,10 +226,10 @@ class Pipeline:
     def __init__(self, source: Source, d_model: int, slot_rows: int, n_slots: int, n_workers: int):
         self.source, self.d_model, self.slot_rows = source, d_model, slot_rows
         self.n_slots, self.n_workers = n_slots, n_workers
-        self._buf = mmap.mmap(
-            -1, n_slots * slot_rows * d_model * 4
-        )  # MAP_SHARED: seen by forked workers
-        self.slots = np.frombuffer(self._buf, dtype=np.float32).reshape(n_slots, slot_rows, d_model)
+        storage = np.dtype(shards.NUMPY_STORAGE_DTYPE[source.dtype])
+        # MAP_SHARED anonymous memory: forked workers write into the same pages.
+        self._buf = mmap.mmap(-1, n_slots * slot_rows * d_model * storage.itemsize)
+        self.slots = np.frombuffer(self._buf, dtype=storage).reshape(n_slots, slot_rows, d_model)
         self._procs: list = []
         self._gen = 0
         self._outstanding = 0
@@ -200,14 +238,7 @@ class Pipeline:
         ctx = mp.get_context("fork")  # ms to start, like torch's DataLoader workers on Linux
         self._tasks, self._results = ctx.Queue(), ctx.Queue()
         for _ in range(self.n_workers):
-            args = (
-                self.source,
-                self._buf,
-                self.d_model,
-                self.slot_rows,
-                self._tasks,
-                self._results,
-            )
+            args = (self.source, self.slots, self._tasks, self._results)
             p = ctx.Process(target=_worker_main, args=args, daemon=True)
             p.start()
             self._procs.append(p)
@@ -229,27 +260,32 @@ class Pipeline:
             self._get()
             self._outstanding -= 1
 
-    def run(self, fills: list[np.ndarray]):
-        """Yield `(slot_RD, examples, fill_result)` for each fill, in order."""
+    def run(self, tasks):
+        """For each `(units, perm_R or None)` of the iterable `tasks`, fill a slot and yield
+        `(slot_RD, units, perm_R, fill_result)`, in order."""
         if self.n_workers == 0:
-            for j, examples in enumerate(fills):
+            for j, (units, perm_R) in enumerate(tasks):
                 slot = self.slots[j % self.n_slots]
-                yield slot, examples, self.source.fill(examples, slot)
+                yield slot, units, perm_R, self.source.fill(units, slot, perm_R)
             return
         if not self._procs:
             self._start()
         self._drain()
         self._gen += 1
-        gen, ready = self._gen, {}
+        gen, tasks, pending, ready = self._gen, iter(tasks), {}, {}
 
         def submit(j):
-            self._tasks.put((gen, j, j % self.n_slots, fills[j]))
-            self._outstanding += 1
+            task = next(tasks, None)
+            if task is not None:
+                self._tasks.put((gen, j, j % self.n_slots, *task))
+                self._outstanding += 1
+                pending[j] = task
 
-        for j in range(min(len(fills), self.n_slots)):
+        for j in range(self.n_slots):
             submit(j)
         try:
-            for j in range(len(fills)):
+            j = 0
+            while j in pending:
                 while j not in ready:
                     g, k, result, err = self._get()
                     self._outstanding -= 1
@@ -257,11 +293,11 @@ class Pipeline:
                         raise RuntimeError(f"loader worker failed:\n{err}")
                     if g == gen:
                         ready[k] = result
-                yield self.slots[j % self.n_slots], fills[j], ready.pop(j)
+                yield self.slots[j % self.n_slots], *pending.pop(j), ready.pop(j)
                 if self._gen != gen:
                     raise RuntimeError("abandoned iterator: a newer epoch started on this loader.")
-                if j + self.n_slots < len(fills):
-                    submit(j + self.n_slots)
+                submit(j + self.n_slots)
+                j += 1
         finally:
             if self._gen == gen:  # a newer epoch already drained this one's fills
                 self._drain()
@@ -277,57 +313,59 @@ class Pipeline:
 
 
 class _Loader:
-    """What the shuffled and ordered loaders share: validation, slot sizing, batch cutting."""
+    """What the shuffled and ordered loaders share: validation, buffer sizing, batch cutting."""
 
     def __init__(
         self,
         shard_root,
         layer: int,
         batch_size: int,
-        tokens: str,
+        tokens: str = "patches",
         *,
         examples=None,
-        n_workers: int,
-        buffer_mb: float,
-        rank: int,
-        world_size: int,
-        skip_nonfinite: bool,
-        pin_memory: bool | None,
+        n_workers: int = 2,
+        buffer_mb: float = 512,
+        run_kb: float = 128,
+        rank: int = 0,
+        world_size: int = 1,
+        skip_nonfinite: bool = False,
+        pin_memory: bool | None = None,
     ):
+        """`examples`: global example indices to read (default all); `buffer_mb`: the shuffle
+        buffer, in storage dtype; `run_kb`: the smallest contiguous read worth cutting an example
+        into; `rank`/`world_size`: this process's part of the stream; `pin_memory`: default is
+        whether CUDA is available."""
         if isinstance(shard_root, shards.ShardSet):
             self.shard_set = shard_root
         else:
             self.shard_set = open_shard_set(shard_root)
         md = self.shard_set.metadata
         self.sel = select(md, layer, tokens)
-        self.tokens, self.d_model = tokens, md.d_model
-        if batch_size < 1 or n_workers < 0 or buffer_mb <= 0:
-            got = f"got {batch_size}, {n_workers}, {buffer_mb}"
-            raise ValueError(f"need batch_size >= 1, n_workers >= 0, buffer_mb > 0; {got}.")
+        self.tokens, self.d_model, self.dtype = tokens, md.d_model, md.dtype
+        if batch_size < 1 or n_workers < 0 or buffer_mb <= 0 or run_kb <= 0:
+            got = f"got {batch_size}, {n_workers}, {buffer_mb}, {run_kb}"
+            raise ValueError(f"need batch_size >= 1, n_workers >= 0, buffer_mb, run_kb > 0; {got}.")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}.")
-        self.batch_size, self.n_workers, self.rank, self.world_size = (
-            batch_size,
-            n_workers,
-            rank,
-            world_size,
-        )
+        self.batch_size, self.n_workers = batch_size, n_workers
+        self.rank, self.world_size = rank, world_size
         self.skip_nonfinite = skip_nonfinite
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.examples = self._check_examples(examples, md.n_examples)
+        row_bytes = md.d_model * shards.DTYPE_ITEMSIZE[md.dtype]  # the buffer holds storage dtype
+        self.layout = Layout.make(self.sel, row_bytes, run_kb)
         # n_workers filling while one slot is being cut into batches and one waits ready.
         self.n_slots = n_workers + 2 if n_workers else 1
-        row_bytes = md.d_model * 4
-        self.examples_per_fill = (
-            int(buffer_mb * 2**20) // self.n_slots // (row_bytes * self.sel.n_tokens)
+        self.units_per_fill = (
+            int(buffer_mb * 2**20) // self.n_slots // (row_bytes * self.layout.run)
         )
-        if self.examples_per_fill < 1:
-            need = math.ceil(self.n_slots * row_bytes * self.sel.n_tokens / 2**20)
-            msg = f"buffer_mb={buffer_mb} cannot hold one example per slot ({self.n_slots} slots)"
+        if self.units_per_fill < 1:
+            need = math.ceil(self.n_slots * row_bytes * self.layout.run / 2**20)
+            msg = f"buffer_mb={buffer_mb} cannot hold one run per slot ({self.n_slots} slots)"
             raise ValueError(f"{msg}; use buffer_mb >= {need}.")
-        self.slot_rows = self.examples_per_fill * self.sel.n_tokens
+        self.slot_rows = self.units_per_fill * self.layout.run
         self._pipeline: Pipeline | None = None
-        self._pool: list[np.ndarray] = []
+        self._pool: dict[np.dtype, list[np.ndarray]] = {}
         self.n_nonfinite = 0
         """Non-finite rows dropped so far (with skip_nonfinite)."""
 
@@ -342,71 +380,85 @@ class _Loader:
             )
         return examples
 
-    def _fills(self, examples_in_order: np.ndarray) -> list[np.ndarray]:
-        E = self.examples_per_fill
-        return [np.sort(examples_in_order[i : i + E]) for i in range(0, len(examples_in_order), E)]
+    def _tasks(self, units_in_order: np.ndarray, rng: np.random.Generator | None):
+        """Lazily, `(units, perm_R)` per fill: consecutive units, sorted so that a worker reads in
+        file order, and (when shuffling) where each of their rows goes in the slot."""
+        U = self.units_per_fill
+        for i in range(0, len(units_in_order), U):
+            units = np.sort(units_in_order[i : i + U])
+            n_rows = int(self.layout.decode(units)[2].sum())
+            yield units, None if rng is None else rng.permutation(n_rows)
 
     def _new_batch(self) -> dict[str, torch.Tensor]:
         B, D = self.batch_size, self.d_model
         if self.pin_memory:
-            act = torch.empty(
-                (B, D), pin_memory=True
-            )  # CUDA's caching host allocator recycles these
+            # CUDA's caching host allocator recycles pinned blocks once their copies are done.
+            act = torch.empty((B, D), pin_memory=True)
         else:
-            act = torch.from_numpy(self._pooled())
+            act = torch.from_numpy(self._pooled(np.float32))
         ex = torch.empty(B, dtype=torch.int64)
         return {"act": act, "example_idx": ex, "token_idx": torch.empty(B, dtype=torch.int64)}
 
-    def _pooled(self) -> np.ndarray:
-        # Fresh 50 MB arrays cost page faults (~1.7 GB/s here); reuse one nobody references any more
-        # (refcount 2: the pool list and getrefcount's argument; a live batch tensor adds one).
-        for i in range(len(self._pool)):
-            if sys.getrefcount(self._pool[i]) == 2:
-                return self._pool[i]
-        arr = np.empty((self.batch_size, self.d_model), dtype=np.float32)
-        if len(self._pool) < 8:
-            self._pool.append(arr)
+    def _pooled(self, dtype) -> np.ndarray:
+        """A `[batch_size, d_model]` array that no live tensor uses any more, else a new one."""
+        # Fresh 50 MB arrays cost page faults (~1.5 GB/s here). An array is free at refcount 2
+        # (the pool list and getrefcount's argument); a live tensor or view of it adds one.
+        pool = self._pool.setdefault(np.dtype(dtype), [])
+        for i in range(len(pool)):
+            if sys.getrefcount(pool[i]) == 2:
+                return pool[i]
+        arr = np.empty((self.batch_size, self.d_model), dtype=dtype)
+        if len(pool) < 8:
+            pool.append(arr)
         return arr
 
-    def _batches(self, fills: list[np.ndarray], gen: torch.Generator | None):
+    def _cut(self, out, dst: slice, slot_t, ex_R, tok_R, rows, pos: int) -> None:
+        """out[dst] <- rows `rows[pos:...]` of the slot (or its plain slice when rows is None)."""
+        take = dst.stop - dst.start
+        if rows is None:  # slots are already shuffled: plain slices (copy_ also up-casts)
+            out["act"][dst].copy_(slot_t[pos : pos + take])
+            out["example_idx"][dst].copy_(ex_R[pos : pos + take])
+            out["token_idx"][dst].copy_(tok_R[pos : pos + take])
+            return
+        r = rows[pos : pos + take]
+        if slot_t.dtype == torch.float32:
+            torch.index_select(slot_t, 0, r, out=out["act"][dst])
+        else:  # gather the 16-bit rows, then up-cast them in one vectorized pass (rare: NaN)
+            half = torch.from_numpy(self._pooled(shards.NUMPY_STORAGE_DTYPE[self.dtype]))[:take]
+            half = half.view(slot_t.dtype)
+            torch.index_select(slot_t, 0, r, out=half)
+            out["act"][dst].copy_(half)
+        torch.index_select(ex_R, 0, r, out=out["example_idx"][dst])
+        torch.index_select(tok_R, 0, r, out=out["token_idx"][dst])
+
+    def _batches(self, tasks):
         if self._pipeline is None:
-            source = Source(self.shard_set, self.sel)
+            source = Source(self.shard_set, self.layout)
             self._pipeline = Pipeline(
                 source, self.d_model, self.slot_rows, self.n_slots, self.n_workers
             )
-        B, T = self.batch_size, self.sel.n_tokens
-        tok_T = torch.arange(self.sel.t0, self.sel.t1, dtype=torch.int64)
+        B = self.batch_size
         out, filled, n_bad = None, 0, 0
-        for slot_RD, examples, (bad, where, mask) in self._pipeline.run(fills):
+        for slot_RD, units, perm_R, (bad, where, mask) in self._pipeline.run(tasks):
             if bad and not self.skip_nonfinite:
                 raise NonFiniteError(
                     f"NaN/inf activation in {self.shard_set.root}/{where}; re-record that shard or "
                     "set data.skip_nonfinite=true to drop such tokens."
                 )
             n_bad += bad
-            slot_t = torch.from_numpy(slot_RD[: len(examples) * T])
-            ex_R = torch.from_numpy(examples).repeat_interleave(T)
-            tok_R = tok_T.repeat(len(examples))
-            rows = None if mask is None else torch.from_numpy(np.flatnonzero(mask))
-            n_valid = len(slot_t) if rows is None else len(rows)
-            if gen is not None:
-                perm = torch.randperm(n_valid, generator=gen)
-                rows = perm if rows is None else rows[perm]
-            pos = 0
+            per_row = [*self.layout.rows(units), *([] if mask is None else [mask])]
+            if perm_R is not None:  # the workers scattered the rows: follow them to the slot
+                per_row = [_scatter(x, perm_R) for x in per_row]
+            ex_R, tok_R = torch.from_numpy(per_row[0]), torch.from_numpy(per_row[1])
+            slot_t = torch.from_numpy(slot_RD[: len(ex_R)])
+            slot_t = slot_t.view(torch.bfloat16) if self.dtype == "bfloat16" else slot_t
+            rows = None if mask is None else torch.from_numpy(np.flatnonzero(per_row[2]))
+            n_valid, pos = len(slot_t) if rows is None else len(rows), 0
             while pos < n_valid:
                 if out is None:
                     out, filled = self._new_batch(), 0
                 take = min(B - filled, n_valid - pos)
-                dst = slice(filled, filled + take)
-                if rows is None:  # ordered and all finite: plain slices
-                    out["act"][dst].copy_(slot_t[pos : pos + take])
-                    out["example_idx"][dst].copy_(ex_R[pos : pos + take])
-                    out["token_idx"][dst].copy_(tok_R[pos : pos + take])
-                else:
-                    r = rows[pos : pos + take]
-                    torch.index_select(slot_t, 0, r, out=out["act"][dst])
-                    torch.index_select(ex_R, 0, r, out=out["example_idx"][dst])
-                    torch.index_select(tok_R, 0, r, out=out["token_idx"][dst])
+                self._cut(out, slice(filled, filled + take), slot_t, ex_R, tok_R, rows, pos)
                 filled, pos = filled + take, pos + take
                 if filled == B:
                     yield out
@@ -415,9 +467,8 @@ class _Loader:
             yield {k: v[:filled] for k, v in out.items()}
         self.n_nonfinite += n_bad
         if n_bad:
-            logger.warning(
-                "Dropped %d non-finite activations this epoch (data.skip_nonfinite=true).", n_bad
-            )
+            msg = "Dropped %d non-finite activations this epoch (data.skip_nonfinite=true)."
+            logger.warning(msg, n_bad)
 
     def close(self) -> None:
         """Stop the worker processes (they also stop when the program exits)."""
@@ -434,88 +485,58 @@ class _Loader:
         self.close()
 
 
+def _scatter(x_R: np.ndarray, perm_R: np.ndarray) -> np.ndarray:
+    out = np.empty_like(x_R)
+    out[perm_R] = x_R
+    return out
+
+
 class ShuffledLoader(_Loader):
     """One epoch of batches per iteration, in a fresh random order each epoch (see module doc).
 
     Each batch is `{"act": float32 [B, d_model], "example_idx": int64 [B], "token_idx": int64 [B]}`;
-    `token_idx` is the token's position in its stored example (CLS, when recorded, is 0). Under DDP
-    each rank takes a disjoint `len(examples) // world_size` examples of the epoch's permutation
-    (the few left over vary by epoch), so every rank yields the same number of batches.
+    `token_idx` is the token's position in its stored example (CLS, when recorded, is 0). The order
+    depends on (seed, epoch) and the buffer layout (buffer_mb, n_workers, run_kb). Under DDP each
+    rank takes a disjoint `len(examples) // world_size` examples of the epoch's permutation (the
+    few left over vary by epoch), so every rank yields the same number of batches. Keyword
+    arguments are those of `_Loader.__init__`.
     """
 
-    def __init__(
-        self,
-        shard_root,
-        layer: int,
-        batch_size: int,
-        tokens: str = "patches",
-        seed: int = 0,
-        *,
-        examples=None,
-        n_workers: int = 2,
-        buffer_mb: float = 1024,
-        rank: int = 0,
-        world_size: int = 1,
-        skip_nonfinite: bool = False,
-        pin_memory: bool | None = None,
-    ):
-        super().__init__(
-            shard_root, layer, batch_size, tokens, examples=examples, n_workers=n_workers,
-            buffer_mb=buffer_mb, rank=rank, world_size=world_size,
-            skip_nonfinite=skip_nonfinite, pin_memory=pin_memory,
-        )  # fmt: skip
+    def __init__(self, shard_root, layer: int, batch_size: int, tokens="patches", seed=0, **kw):
+        super().__init__(shard_root, layer, batch_size, tokens, **kw)
         self.seed = seed
         self.epoch = 0
         """Epochs started so far; the next iteration's order depends on (seed, epoch)."""
-        self.n_examples_per_rank = len(self.examples) // world_size
+        self.n_examples_per_rank = len(self.examples) // self.world_size
         if self.n_examples_per_rank == 0:
-            raise ValueError(
-                f"{len(self.examples)} examples cannot be split over {world_size} ranks."
-            )
+            msg = f"{len(self.examples)} examples cannot be split over {self.world_size} ranks."
+            raise ValueError(msg)
 
     def __len__(self) -> int:
         return math.ceil(self.n_examples_per_rank * self.sel.n_tokens / self.batch_size)
 
     def __iter__(self):
         epoch, self.epoch = self.epoch, self.epoch + 1
-        rng = np.random.default_rng([self.seed, epoch])
         n = self.n_examples_per_rank
-        mine = rng.permutation(self.examples)[self.rank * n : (self.rank + 1) * n]
-        row_seed = int(np.random.default_rng([self.seed, epoch, self.rank]).integers(2**62))
-        return self._batches(self._fills(mine), torch.Generator().manual_seed(row_seed))
+        mine = np.random.default_rng([self.seed, epoch]).permutation(self.examples)
+        mine = mine[self.rank * n : (self.rank + 1) * n]
+        rng = np.random.default_rng([self.seed, epoch, self.rank])
+        return self._batches(self._tasks(rng.permutation(self.layout.units(mine)), rng))
 
 
 class OrderedLoader(_Loader):
     """Batches in disk order (example, then token), for evaluation and visualization.
 
-    Same arguments and batch contents as `ShuffledLoader`. Under DDP each rank reads a contiguous
-    part of the examples (parts differ in size by at most one example).
+    Same arguments (but no seed) and batch contents as `ShuffledLoader`. Under DDP each rank reads
+    a contiguous part of the examples (parts differ in size by at most one example).
     """
 
-    def __init__(
-        self,
-        shard_root,
-        layer: int,
-        batch_size: int,
-        tokens: str = "patches",
-        *,
-        examples=None,
-        n_workers: int = 2,
-        buffer_mb: float = 256,
-        rank: int = 0,
-        world_size: int = 1,
-        skip_nonfinite: bool = False,
-        pin_memory: bool | None = None,
-    ):
-        super().__init__(
-            shard_root, layer, batch_size, tokens, examples=examples, n_workers=n_workers,
-            buffer_mb=buffer_mb, rank=rank, world_size=world_size,
-            skip_nonfinite=skip_nonfinite, pin_memory=pin_memory,
-        )  # fmt: skip
-        self.mine = np.array_split(self.examples, world_size)[rank]
+    @property
+    def mine(self) -> np.ndarray:
+        return np.array_split(self.examples, self.world_size)[self.rank]
 
     def __len__(self) -> int:
         return math.ceil(len(self.mine) * self.sel.n_tokens / self.batch_size)
 
     def __iter__(self):
-        return self._batches(self._fills(self.mine), None)
+        return self._batches(self._tasks(self.layout.units(self.mine), None))

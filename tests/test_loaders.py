@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from saev import shards
-from saev.loaders import NonFiniteError, OrderedLoader, ShuffledLoader, Source, select
+from saev.loaders import Layout, NonFiniteError, OrderedLoader, ShuffledLoader, Source, select
 
 
 def make_shards(
@@ -135,7 +135,7 @@ def test_shuffle_quality_scales_with_buffer(tmp_path):
     means = []
     for buffer_mb in (0.125, 0.5):  # 4 slots of 16 or 64 examples (16 tokens of 128 bytes each)
         with ShuffledLoader(root, 0, 128, n_workers=2, buffer_mb=buffer_mb) as loader:
-            E = loader.examples_per_fill
+            E = loader.units_per_fill
             distinct = [len(np.unique(b["example_idx"])) for b in list(loader)[:-1]]
         # B uniform draws over E examples hit E * (1 - (1 - 1/E)^B) on average; boundaries more.
         expected = E * (1 - (1 - 1 / E) ** 128)
@@ -221,13 +221,37 @@ def test_bad_selection_errors(tmp_path):
         OrderedLoader(root, 3, 8, "cls")
     with pytest.raises(ValueError, match="tokens='patch'"):
         OrderedLoader(root, 3, 8, "patch")
-    with pytest.raises(ValueError, match="buffer_mb=1e-05 cannot hold one example"):
+    with pytest.raises(
+        ValueError,
+        match=r"buffer_mb=1e-05 cannot hold one run per slot \(4 slots\); use buffer_mb >= 1",
+    ):
         ShuffledLoader(root, 3, 8, buffer_mb=1e-5)
 
 
 def test_shard_files_are_mapped_read_only(tmp_path):
     root, _ = make_shards(tmp_path)
-    source = Source(shards.open_shards(root), select(shards.open_shards(root).metadata, 3, "all"))
+    shard_set = shards.open_shards(root)
+    source = Source(shard_set, Layout.make(select(shard_set.metadata, 3, "all"), 32, 128))
     dst = np.empty((3 * 6, 8), dtype=np.float32)
     source.fill(np.array([0, 8, 22]), dst)
-    assert source._memmaps and all(not mm.flags.writeable for mm in source._memmaps.values())
+    assert source._flat and all(not mm.flags.writeable for mm in source._flat.values())
+
+
+@pytest.mark.parametrize("dtype,bits", [("float16", 0x7C00), ("bfloat16", 0xFFC0)])  # +inf, NaN
+def test_nonfinite_half_precision(tmp_path, dtype, bits):
+    root, stored = make_shards(tmp_path, dtype=dtype)
+    shard_set = shards.open_shards(root)
+    mm = np.memmap(
+        shard_set.files[1].path, dtype=np.uint16, mode="r+", shape=shard_set.memmap(1).shape
+    )
+    mm[2, 1, 4, 0] = bits  # global example 9
+    mm.flush()
+    with ShuffledLoader(root, -1, 16, n_workers=1, buffer_mb=0.002) as loader:
+        with pytest.raises(
+            NonFiniteError, match=r"acts000001\.bin \(example 9, #2 in that file; token 4"
+        ):
+            list(loader)
+    with ShuffledLoader(root, -1, 16, n_workers=1, buffer_mb=0.002, skip_nonfinite=True) as loader:
+        _, act, ex, tok = collect(loader)
+        assert loader.n_nonfinite == 1 and (9, 4) not in set(zip(ex.tolist(), tok.tolist()))
+    np.testing.assert_array_equal(act, stored[ex, 1, tok])

@@ -1,0 +1,123 @@
+"""Shuffled-loader bandwidth against the raw read bandwidth of the same shard files (issue 3).
+
+    python benchmarks/loader.py                       # ~2 GB float32 and ~1 GB float16, 768-d
+    python benchmarks/loader.py --dtypes float32 --buffer-mb 512
+
+Writes the shards once under --root (reused on later runs), warms the page cache, then prints for
+each dtype: the raw bandwidth (each whole file read into a fresh numpy array, the better of
+`np.fromfile` and a copy out of a memmap; median of --passes passes), the ShuffledLoader's
+bandwidth over one full epoch including its start-up (constructing it, forking the workers and
+filling the first slot), and their ratio. Bandwidth is bytes of the shard files per second, so
+float16 numbers compare like with like (the loader hands out twice those bytes as float32).
+Shards have one layer and no CLS token, so the loader reads every byte of every file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import statistics
+import time
+
+import numpy as np
+
+from saev import shards
+from saev.loaders import ShuffledLoader
+
+N_PATCHES = 196  # ViT-B/16 at 224 px
+
+
+def write_shards(root: pathlib.Path, dtype: str, gb: float, d_model: int) -> pathlib.Path:
+    bytes_per_example = N_PATCHES * d_model * shards.DTYPE_ITEMSIZE[dtype]
+    n_examples = int(gb * 1e9 // bytes_per_example)
+    md = shards.Metadata(
+        model={"family": "benchmark", "ckpt": "random"}, layers=(0,), cls_token=False,
+        n_patches_per_example=N_PATCHES, d_model=d_model, dtype=dtype, n_examples=n_examples,
+        examples_per_shard=512, data={"name": "random-normal", "gb": gb},
+    )  # fmt: skip
+    writer = shards.ShardWriter(root, md)
+    if not writer.complete:
+        size = f"{n_examples * bytes_per_example / 1e9:.2f} GB"
+        print(f"writing {n_examples} examples ({size}) to {writer.root}")
+        rng = np.random.default_rng(0)
+        for start in range(writer.n_done, n_examples, 64):
+            n = min(64, n_examples - start)
+            acts = rng.standard_normal((n, 1, N_PATCHES, d_model), dtype=np.float32)
+            writer.add(acts, [{"index": i} for i in range(start, start + n)])
+    writer.close()
+    return writer.root
+
+
+def raw_pass(paths: list[pathlib.Path], how: str) -> float:
+    """Seconds to read every file whole into a fresh numpy array."""
+    start = time.perf_counter()
+    for path in paths:
+        if how == "fromfile":
+            arr = np.fromfile(path, dtype=np.uint8)
+        else:
+            arr = np.array(np.memmap(path, dtype=np.uint8, mode="r"))
+        del arr
+    return time.perf_counter() - start
+
+
+def loader_epoch(
+    root, batch_size: int, buffer_mb: int, n_workers: int, seed: int
+) -> tuple[float, int]:
+    """Seconds for one full epoch including start-up, and the number of rows served."""
+    start = time.perf_counter()
+    loader = ShuffledLoader(
+        root, 0, batch_size, "patches", seed=seed, n_workers=n_workers, buffer_mb=buffer_mb
+    )
+    n_rows = 0
+    for batch in loader:
+        n_rows += len(batch["act"])
+    elapsed = time.perf_counter() - start
+    loader.close()
+    return elapsed, n_rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--root", default="/tmp/saev-bench-shards", type=pathlib.Path)
+    parser.add_argument("--gb", default=2.0, type=float, help="size of the float32 shards")
+    parser.add_argument("--d-model", default=768, type=int)
+    parser.add_argument("--dtypes", default="float32,float16")
+    parser.add_argument("--batch-size", default=16384, type=int)
+    parser.add_argument("--buffer-mb", default=1024, type=int)
+    parser.add_argument("--n-workers", default=2, type=int)
+    parser.add_argument("--passes", default=3, type=int)
+    args = parser.parse_args()
+    print(f"load average {os.getloadavg()}, {os.cpu_count()} CPUs")
+    for dtype in args.dtypes.split(","):
+        gb = args.gb * shards.DTYPE_ITEMSIZE[dtype] / 4  # same number of activations for each dtype
+        root = write_shards(args.root / dtype, dtype, gb, args.d_model)
+        paths = [f.path for f in shards.open_shards(root).files]
+        n_bytes = sum(p.stat().st_size for p in paths)
+        raw_pass(paths, "fromfile")  # warm the page cache
+        # Interleave raw passes and loader epochs: other processes share this machine, so the
+        # two measurements should see the same load.
+        raw, loader_bw = {"fromfile": [], "memmap": []}, []
+        for seed in range(args.passes):
+            for how in raw:
+                raw[how].append(n_bytes / raw_pass(paths, how))
+            seconds, n_rows = loader_epoch(
+                root, args.batch_size, args.buffer_mb, args.n_workers, seed
+            )
+            assert n_rows * args.d_model * shards.DTYPE_ITEMSIZE[dtype] == n_bytes
+            loader_bw.append(n_bytes / seconds)
+        raw_bw = max(statistics.median(v) for v in raw.values())
+        med = statistics.median(loader_bw)
+        print(
+            f"{dtype}: {n_bytes / 1e9:.2f} GB in {len(paths)} files | raw read "
+            f"(fromfile {statistics.median(raw['fromfile']) / 1e9:.2f}, memmap copy "
+            f"{statistics.median(raw['memmap']) / 1e9:.2f}) -> {raw_bw / 1e9:.2f} GB/s | "
+            f"ShuffledLoader epochs {', '.join(f'{b / 1e9:.2f}' for b in loader_bw)} GB/s, median "
+            f"{med / 1e9:.2f} GB/s = {med / raw_bw:.0%} of raw | buffer {args.buffer_mb} MB, "
+            f"{args.n_workers} workers, batch {args.batch_size}"
+        )
+    print(f"load average {os.getloadavg()}")
+
+
+if __name__ == "__main__":
+    main()
