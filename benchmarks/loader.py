@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from saev import shards
-from saev.loaders import ShuffledLoader
+from saev.data import ShuffledLoader
 
 N_PATCHES = 196  # ViT-B/16 at 224 px
 

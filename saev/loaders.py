@@ -1,26 +1,29 @@
-"""Shuffled and ordered activation loaders that read shards at the speed of the storage.
+"""The reading machinery behind `saev.data.ShuffledLoader` and `OrderedLoader`.
 
-How the shuffled loader works (DESIGN.md, "Training"):
+Built to run at the speed of the storage (DESIGN.md, "Training"; issue 3):
 
-- An epoch is a random permutation of the selected examples (images). It is cut into *fills* of
-  `examples_per_fill` examples each; a fill is the unit of work of a worker process.
-- The shuffle buffer (`buffer_mb`, float32 after up-casting) is one shared-memory array split into
-  `n_workers + 2` equal *slots*. Worker processes (forked, so start-up costs milliseconds) fill
-  slots in parallel: for each example of its fill, sorted by file position, a worker copies the
-  selected tokens of the chosen layer, one contiguous run of `tokens x d_model` values, straight
-  out of a read-only memmap of the shard (opened once per worker), up-casting float16/bfloat16
-  on the way, and checks the run for NaN/inf while it is still in cache.
-- The main process takes slots in order, permutes each slot's rows and cuts batches from them
-  with vectorized `index_select` (a batch may span slots); a finished slot goes straight back to
-  the workers with the next fill, so reading overlaps batching.
+- *Units.* An epoch is cut into units: runs of `Layout.run` consecutive selected tokens of one
+  example and one layer, which are contiguous in the shard file. An example is cut into runs of at
+  least `run_kb` (128 KiB: 49 rows of a 196-patch, 768-d float32 example), so reads stay large
+  while a buffer of a given size mixes ~4x more examples than whole examples would.
+- *Slots.* The shuffle buffer (`buffer_mb`, in the storage dtype) is one shared-memory array of
+  `n_workers + 2` slots; a slot holds `units_per_fill` units. The loader hands each slot a *fill*
+  (consecutive units of the epoch's random permutation, sorted by file position) and a random
+  permutation of the fill's rows.
+- *Workers.* Forked processes (start-up in milliseconds) copy each unit (one `memcpy`-like slice
+  of a read-only memmap that the worker opened once per shard) straight to its permuted rows of
+  the slot, and check it for NaN/inf while it is in cache. Several fills are in flight at once.
+- *Batches.* The main process takes slots in order and cuts batches as plain contiguous slices
+  (the shuffle already happened), up-casting float16/bfloat16 in the same vectorized copy; a batch
+  may span two slots. A consumed slot goes straight back to the workers.
 
-Shuffle quality is what a slot buys: a batch draws uniformly from the rows of one slot (two at a
-slot boundary), which hold the tokens of `examples_per_fill = slot_rows // tokens_per_example`
-random examples. For 768-d float32, 196 patches and `buffer_mb=1024` with 2 workers (4 slots of
-256 MiB), that is ~445 examples per slot, so a batch of 16384 tokens draws from ~445 distinct
-images (~37 tokens each); halving the buffer halves it. Every selected token appears exactly once
-per epoch, and the order of examples across the whole epoch is uniformly random.
-`tests/test_loaders.py` checks these figures.
+Shuffle quality: the epoch's order of units is uniformly random, and a batch is a uniformly random
+subset of the rows of one slot (two at a slot boundary). A batch of B rows from a slot of S rows
+holding U units of r rows draws from about U * (1 - (1 - B/S)^r) distinct units (so examples).
+For 196-patch, 768-d float32 shards, runs of 49 rows and batches of 16384 rows with 2 workers
+(4 slots): buffer_mb=256 gives U=445, ~445 distinct images per batch; 512 gives ~890; 1024
+gives ~1780. Every selected token appears exactly once per epoch. `tests/test_loaders.py` checks
+the formula and the exactly-once property.
 """
 
 from __future__ import annotations
@@ -31,14 +34,12 @@ import math
 import mmap
 import multiprocessing as mp
 import queue
-import sys
 import traceback
 
 import numpy as np
 import torch
 
 from saev import shards
-from saev.foreign_shards import open_shard_set
 
 logger = logging.getLogger(__name__)
 
@@ -310,233 +311,3 @@ class Pipeline:
             if p.is_alive():
                 p.terminate()
         self._procs = []
-
-
-class _Loader:
-    """What the shuffled and ordered loaders share: validation, buffer sizing, batch cutting."""
-
-    def __init__(
-        self,
-        shard_root,
-        layer: int,
-        batch_size: int,
-        tokens: str = "patches",
-        *,
-        examples=None,
-        n_workers: int = 2,
-        buffer_mb: float = 512,
-        run_kb: float = 128,
-        rank: int = 0,
-        world_size: int = 1,
-        skip_nonfinite: bool = False,
-        pin_memory: bool | None = None,
-    ):
-        """`examples`: global example indices to read (default all); `buffer_mb`: the shuffle
-        buffer, in storage dtype; `run_kb`: the smallest contiguous read worth cutting an example
-        into; `rank`/`world_size`: this process's part of the stream; `pin_memory`: default is
-        whether CUDA is available."""
-        if isinstance(shard_root, shards.ShardSet):
-            self.shard_set = shard_root
-        else:
-            self.shard_set = open_shard_set(shard_root)
-        md = self.shard_set.metadata
-        self.sel = select(md, layer, tokens)
-        self.tokens, self.d_model, self.dtype = tokens, md.d_model, md.dtype
-        if batch_size < 1 or n_workers < 0 or buffer_mb <= 0 or run_kb <= 0:
-            got = f"got {batch_size}, {n_workers}, {buffer_mb}, {run_kb}"
-            raise ValueError(f"need batch_size >= 1, n_workers >= 0, buffer_mb, run_kb > 0; {got}.")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}.")
-        self.batch_size, self.n_workers = batch_size, n_workers
-        self.rank, self.world_size = rank, world_size
-        self.skip_nonfinite = skip_nonfinite
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.examples = self._check_examples(examples, md.n_examples)
-        row_bytes = md.d_model * shards.DTYPE_ITEMSIZE[md.dtype]  # the buffer holds storage dtype
-        self.layout = Layout.make(self.sel, row_bytes, run_kb)
-        # n_workers filling while one slot is being cut into batches and one waits ready.
-        self.n_slots = n_workers + 2 if n_workers else 1
-        self.units_per_fill = (
-            int(buffer_mb * 2**20) // self.n_slots // (row_bytes * self.layout.run)
-        )
-        if self.units_per_fill < 1:
-            need = math.ceil(self.n_slots * row_bytes * self.layout.run / 2**20)
-            msg = f"buffer_mb={buffer_mb} cannot hold one run per slot ({self.n_slots} slots)"
-            raise ValueError(f"{msg}; use buffer_mb >= {need}.")
-        self.slot_rows = self.units_per_fill * self.layout.run
-        self._pipeline: Pipeline | None = None
-        self._pool: dict[np.dtype, list[np.ndarray]] = {}
-        self.n_nonfinite = 0
-        """Non-finite rows dropped so far (with skip_nonfinite)."""
-
-    @staticmethod
-    def _check_examples(examples, n_examples: int) -> np.ndarray:
-        if examples is None:
-            return np.arange(n_examples, dtype=np.int64)
-        examples = np.unique(np.asarray(examples, dtype=np.int64))
-        if len(examples) and (examples[0] < 0 or examples[-1] >= n_examples):
-            raise ValueError(
-                f"example indices must lie in [0, {n_examples}); got {examples[0]}..{examples[-1]}."
-            )
-        return examples
-
-    def _tasks(self, units_in_order: np.ndarray, rng: np.random.Generator | None):
-        """Lazily, `(units, perm_R)` per fill: consecutive units, sorted so that a worker reads in
-        file order, and (when shuffling) where each of their rows goes in the slot."""
-        U = self.units_per_fill
-        for i in range(0, len(units_in_order), U):
-            units = np.sort(units_in_order[i : i + U])
-            n_rows = int(self.layout.decode(units)[2].sum())
-            yield units, None if rng is None else rng.permutation(n_rows)
-
-    def _new_batch(self) -> dict[str, torch.Tensor]:
-        B, D = self.batch_size, self.d_model
-        if self.pin_memory:
-            # CUDA's caching host allocator recycles pinned blocks once their copies are done.
-            act = torch.empty((B, D), pin_memory=True)
-        else:
-            act = torch.from_numpy(self._pooled(np.float32))
-        ex = torch.empty(B, dtype=torch.int64)
-        return {"act": act, "example_idx": ex, "token_idx": torch.empty(B, dtype=torch.int64)}
-
-    def _pooled(self, dtype) -> np.ndarray:
-        """A `[batch_size, d_model]` array that no live tensor uses any more, else a new one."""
-        # Fresh 50 MB arrays cost page faults (~1.5 GB/s here). An array is free at refcount 2
-        # (the pool list and getrefcount's argument); a live tensor or view of it adds one.
-        pool = self._pool.setdefault(np.dtype(dtype), [])
-        for i in range(len(pool)):
-            if sys.getrefcount(pool[i]) == 2:
-                return pool[i]
-        arr = np.empty((self.batch_size, self.d_model), dtype=dtype)
-        if len(pool) < 8:
-            pool.append(arr)
-        return arr
-
-    def _cut(self, out, dst: slice, slot_t, ex_R, tok_R, rows, pos: int) -> None:
-        """out[dst] <- rows `rows[pos:...]` of the slot (or its plain slice when rows is None)."""
-        take = dst.stop - dst.start
-        if rows is None:  # slots are already shuffled: plain slices (copy_ also up-casts)
-            out["act"][dst].copy_(slot_t[pos : pos + take])
-            out["example_idx"][dst].copy_(ex_R[pos : pos + take])
-            out["token_idx"][dst].copy_(tok_R[pos : pos + take])
-            return
-        r = rows[pos : pos + take]
-        if slot_t.dtype == torch.float32:
-            torch.index_select(slot_t, 0, r, out=out["act"][dst])
-        else:  # gather the 16-bit rows, then up-cast them in one vectorized pass (rare: NaN)
-            half = torch.from_numpy(self._pooled(shards.NUMPY_STORAGE_DTYPE[self.dtype]))[:take]
-            half = half.view(slot_t.dtype)
-            torch.index_select(slot_t, 0, r, out=half)
-            out["act"][dst].copy_(half)
-        torch.index_select(ex_R, 0, r, out=out["example_idx"][dst])
-        torch.index_select(tok_R, 0, r, out=out["token_idx"][dst])
-
-    def _batches(self, tasks):
-        if self._pipeline is None:
-            source = Source(self.shard_set, self.layout)
-            self._pipeline = Pipeline(
-                source, self.d_model, self.slot_rows, self.n_slots, self.n_workers
-            )
-        B = self.batch_size
-        out, filled, n_bad = None, 0, 0
-        for slot_RD, units, perm_R, (bad, where, mask) in self._pipeline.run(tasks):
-            if bad and not self.skip_nonfinite:
-                raise NonFiniteError(
-                    f"NaN/inf activation in {self.shard_set.root}/{where}; re-record that shard or "
-                    "set data.skip_nonfinite=true to drop such tokens."
-                )
-            n_bad += bad
-            per_row = [*self.layout.rows(units), *([] if mask is None else [mask])]
-            if perm_R is not None:  # the workers scattered the rows: follow them to the slot
-                per_row = [_scatter(x, perm_R) for x in per_row]
-            ex_R, tok_R = torch.from_numpy(per_row[0]), torch.from_numpy(per_row[1])
-            slot_t = torch.from_numpy(slot_RD[: len(ex_R)])
-            slot_t = slot_t.view(torch.bfloat16) if self.dtype == "bfloat16" else slot_t
-            rows = None if mask is None else torch.from_numpy(np.flatnonzero(per_row[2]))
-            n_valid, pos = len(slot_t) if rows is None else len(rows), 0
-            while pos < n_valid:
-                if out is None:
-                    out, filled = self._new_batch(), 0
-                take = min(B - filled, n_valid - pos)
-                self._cut(out, slice(filled, filled + take), slot_t, ex_R, tok_R, rows, pos)
-                filled, pos = filled + take, pos + take
-                if filled == B:
-                    yield out
-                    out = None
-        if out is not None:
-            yield {k: v[:filled] for k, v in out.items()}
-        self.n_nonfinite += n_bad
-        if n_bad:
-            msg = "Dropped %d non-finite activations this epoch (data.skip_nonfinite=true)."
-            logger.warning(msg, n_bad)
-
-    def close(self) -> None:
-        """Stop the worker processes (they also stop when the program exits)."""
-        if getattr(self, "_pipeline", None) is not None:
-            self._pipeline.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self):
-        self.close()
-
-
-def _scatter(x_R: np.ndarray, perm_R: np.ndarray) -> np.ndarray:
-    out = np.empty_like(x_R)
-    out[perm_R] = x_R
-    return out
-
-
-class ShuffledLoader(_Loader):
-    """One epoch of batches per iteration, in a fresh random order each epoch (see module doc).
-
-    Each batch is `{"act": float32 [B, d_model], "example_idx": int64 [B], "token_idx": int64 [B]}`;
-    `token_idx` is the token's position in its stored example (CLS, when recorded, is 0). The order
-    depends on (seed, epoch) and the buffer layout (buffer_mb, n_workers, run_kb). Under DDP each
-    rank takes a disjoint `len(examples) // world_size` examples of the epoch's permutation (the
-    few left over vary by epoch), so every rank yields the same number of batches. Keyword
-    arguments are those of `_Loader.__init__`.
-    """
-
-    def __init__(self, shard_root, layer: int, batch_size: int, tokens="patches", seed=0, **kw):
-        super().__init__(shard_root, layer, batch_size, tokens, **kw)
-        self.seed = seed
-        self.epoch = 0
-        """Epochs started so far; the next iteration's order depends on (seed, epoch)."""
-        self.n_examples_per_rank = len(self.examples) // self.world_size
-        if self.n_examples_per_rank == 0:
-            msg = f"{len(self.examples)} examples cannot be split over {self.world_size} ranks."
-            raise ValueError(msg)
-
-    def __len__(self) -> int:
-        return math.ceil(self.n_examples_per_rank * self.sel.n_tokens / self.batch_size)
-
-    def __iter__(self):
-        epoch, self.epoch = self.epoch, self.epoch + 1
-        n = self.n_examples_per_rank
-        mine = np.random.default_rng([self.seed, epoch]).permutation(self.examples)
-        mine = mine[self.rank * n : (self.rank + 1) * n]
-        rng = np.random.default_rng([self.seed, epoch, self.rank])
-        return self._batches(self._tasks(rng.permutation(self.layout.units(mine)), rng))
-
-
-class OrderedLoader(_Loader):
-    """Batches in disk order (example, then token), for evaluation and visualization.
-
-    Same arguments (but no seed) and batch contents as `ShuffledLoader`. Under DDP each rank reads
-    a contiguous part of the examples (parts differ in size by at most one example).
-    """
-
-    @property
-    def mine(self) -> np.ndarray:
-        return np.array_split(self.examples, self.world_size)[self.rank]
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.mine) * self.sel.n_tokens / self.batch_size)
-
-    def __iter__(self):
-        return self._batches(self._tasks(self.layout.units(self.mine), None))

@@ -9,7 +9,7 @@ import pytest
 import torch
 from test_loaders import collect, make_shards
 
-from saev import data, shards
+from saev import data, normalization, shards
 from saev.data import (
     DataConfig,
     NormStats,
@@ -247,7 +247,7 @@ def test_norm_stats_are_cached_next_to_shards(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("statistics should come from the cache")
 
-    monkeypatch.setattr(data, "estimate_moments", fail)
+    monkeypatch.setattr(normalization, "estimate_moments", fail)
     again = ShardDataModule(cfg_for(root, scale_mean=True, scale_norm=True, seed=3))
     again.setup("fit")
     assert (
@@ -263,14 +263,14 @@ def test_norm_stats_are_cached_next_to_shards(tmp_path, monkeypatch):
 def test_norm_stats_fall_back_to_cache_dir_when_read_only(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("SAEV_CACHE", str(tmp_path / "cache"))
     root, _ = make_shards(tmp_path)
-    real = data._write_json
+    real = normalization._write_json
 
     def read_only(path, obj):  # tests run as root, so chmod would not stop writes
         if str(path).startswith(str(root)):
             raise PermissionError(13, "Permission denied")
         real(path, obj)
 
-    monkeypatch.setattr(data, "_write_json", read_only)
+    monkeypatch.setattr(normalization, "_write_json", read_only)
     dm = ShardDataModule(cfg_for(root, scale_norm=True))
     dm.setup("fit")
     assert not (root / "norm-stats").exists()

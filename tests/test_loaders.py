@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from saev import shards
-from saev.loaders import Layout, NonFiniteError, OrderedLoader, ShuffledLoader, Source, select
+from saev.data import OrderedLoader, ShuffledLoader
+from saev.loaders import Layout, NonFiniteError, Source, select
 
 
 def make_shards(
@@ -127,22 +128,38 @@ def test_half_precision_upcast(tmp_path, dtype):
     assert not np.array_equal(stored, make_shards(tmp_path / "f32", d_model=64, n_patches=300)[1])
 
 
-def test_shuffle_quality_scales_with_buffer(tmp_path):
-    """A batch draws from the examples of one slot: ~examples_per_fill distinct examples."""
+def expected_distinct_units(loader):
+    """U * (1 - (1 - B/S)^r): units of r rows hit by a random B-row subset of an S-row slot."""
+    B, S, r = loader.batch_size, loader.slot_rows, loader.layout.run
+    return loader.units_per_fill * (1 - (1 - B / S) ** r)
+
+
+def mixing(tmp_path, run_kb):
+    """Mean distinct examples per batch for two buffer sizes; checks the formula on the way."""
     root, _ = make_shards(
         tmp_path, n_examples=400, layers=(0,), cls_token=False, n_patches=16, d_model=32
     )
     means = []
-    for buffer_mb in (0.125, 0.5):  # 4 slots of 16 or 64 examples (16 tokens of 128 bytes each)
-        with ShuffledLoader(root, 0, 128, n_workers=2, buffer_mb=buffer_mb) as loader:
-            E = loader.units_per_fill
-            distinct = [len(np.unique(b["example_idx"])) for b in list(loader)[:-1]]
-        # B uniform draws over E examples hit E * (1 - (1 - 1/E)^B) on average; boundaries more.
-        expected = E * (1 - (1 - 1 / E) ** 128)
-        assert np.mean(distinct) >= 0.9 * expected
-        assert max(distinct) <= 2 * E
+    for buffer_mb in (0.125, 0.5):  # 4 slots of 256 or 1024 rows of 128 bytes
+        with ShuffledLoader(
+            root, 0, 128, n_workers=2, buffer_mb=buffer_mb, run_kb=run_kb
+        ) as loader:
+            assert loader.layout.run == (16 if run_kb == 128 else 4)
+            batches, _, ex, tok = collect(loader)
+            expected = expected_distinct_units(loader)
+        assert len(set(zip(ex.tolist(), tok.tolist()))) == len(ex) == 400 * 16
+        distinct = [len(np.unique(b["example_idx"])) for b in batches[:-1]]
+        # Within 10% of the formula (boundary batches draw from two slots, so a bit above).
+        assert 0.9 * expected <= np.mean(distinct) <= 1.25 * expected
         means.append(np.mean(distinct))
-    assert means[1] > 2 * means[0]
+    return means
+
+
+def test_shuffle_quality_matches_the_documented_formula(tmp_path):
+    whole = mixing(tmp_path / "a", 128)  # whole 16-token examples
+    runs = mixing(tmp_path / "b", 0.5)  # runs of 4 tokens
+    assert whole[1] > 2 * whole[0] and runs[1] > runs[0]  # a bigger buffer mixes more
+    assert runs[0] > 2.5 * whole[0]  # and so do shorter runs
 
 
 def test_ranks_are_disjoint_and_equal_length(tmp_path):
