@@ -52,16 +52,9 @@ def record(cfg: RecordConfig) -> pathlib.Path:
     dataset = images.build(cfg.data)
     dump_to = _writable(cfg.dump_to)
     # Deferred: importing torch and timm takes seconds, and the checks above should not wait.
-    import torch
-
     from saev import vit as vitlib
 
-    device = None
-    if cfg.device == "auto":
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = device or torch.device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RecordError(f"device={cfg.device} but CUDA is not available here; use device=cpu.")
+    device = _device(cfg.device)
     vit = vitlib.load(cfg.model, device)
     blocks = vit.resolve_layers(cfg.layers)
     cls_token = vit.has_cls if cfg.cls_token is None else cfg.cls_token
@@ -95,6 +88,16 @@ def record(cfg: RecordConfig) -> pathlib.Path:
         writer.finish()
     recorder.close()
     return writer.root
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise RecordError(f"device={name} but CUDA is not available here; use device=cpu.")
+    return torch.device(name)
 
 
 def _writable(dump_to: str) -> pathlib.Path:
@@ -173,7 +176,7 @@ def record_loop(cfg, vit, recorder, dataset, writer, start: int, device) -> None
     bar = tqdm(total=len(dataset), initial=start, unit="img", dynamic_ncols=True, file=sys.stderr)
     skipped: list[str] = []
     # Closing the bar on any exit ends its line, so an error message starts a line of its own.
-    with bar, _BackgroundWriter(writer) as out:
+    with bar, _BackgroundWriter(writer, cfg.dtype) as out:
         for batch in loader:
             errors = [msg for i, msg in batch.errors if i >= start]
             if errors and not getattr(cfg.data, "skip_bad_images", False):
@@ -185,35 +188,52 @@ def record_loop(cfg, vit, recorder, dataset, writer, start: int, device) -> None
                 acts_BLTD = recorder(batch.x_BCHW.to(device, non_blocking=True))
                 keep = [j for j, i in enumerate(batch.indices) if i >= start]
                 if keep:
-                    stored = to_storage(acts_BLTD[keep[0] :], cfg.dtype)
+                    host, done = to_host(acts_BLTD[keep[0] :], cfg.dtype)
                     labels = batch.labels_BP[keep[0] :] if batch.labels_BP is not None else None
-                    out.add(stored, [dataset.source(batch.indices[j]) for j in keep], labels)
+                    out.add(host, done, [dataset.source(batch.indices[j]) for j in keep], labels)
             bar.update(sum(i >= start for i in batch.indices) + len(errors))
     if skipped:
         print(f"skipped {len(skipped)} unreadable images; the first: {skipped[0]}", file=sys.stderr)
 
 
-def to_storage(acts, dtype: str) -> np.ndarray:
-    """Activations (torch, any device) in the storage representation of `dtype`, on the CPU.
+def to_host(acts, dtype: str):
+    """Activations narrowed to the storage dtype on their device, then copied to host memory.
 
-    Narrowing on the device halves the transfer; torch rounds to nearest even like
-    `shards.from_float32`, so the bytes are the same either way.
+    Narrowing on the device halves the transfer for 16-bit dtypes; torch rounds to nearest even
+    like `shards.from_float32`, so the bytes are the same either way. On CUDA the copy goes to
+    pinned memory without waiting, so the next batch's forward pass overlaps it; the returned
+    event marks it done (None elsewhere). `host_array` turns the pair into numpy.
     """
     import torch
 
-    if dtype == "float32":
-        return acts.float().cpu().numpy()
-    if dtype == "float16":
-        return acts.half().cpu().numpy()
-    return acts.bfloat16().view(torch.int16).cpu().numpy().view(np.uint16)
+    narrow = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    acts = acts.to(narrow[dtype])
+    if dtype == "bfloat16":
+        acts = acts.view(torch.int16)  # numpy has no bfloat16: keep the bit patterns
+    if acts.device.type != "cuda":
+        return acts.cpu(), None
+    host = torch.empty(acts.shape, dtype=acts.dtype, pin_memory=True)
+    host.copy_(acts, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+def host_array(host, done, dtype: str) -> np.ndarray:
+    """The storage representation `ShardWriter.add` takes, once the copy to `host` is done."""
+    if done is not None:
+        done.synchronize()
+    arr = host.numpy()
+    return arr.view(np.uint16) if dtype == "bfloat16" else arr
 
 
 class _BackgroundWriter:
-    """Feeds `ShardWriter.add` from a thread, so copying and fsyncing a shard overlaps the next
-    forward passes. A bounded queue keeps memory flat; errors surface on the next `add` or exit."""
+    """Feeds `ShardWriter.add` from a thread, so waiting for device copies and copying and
+    fsyncing shards overlap the next forward passes. A bounded queue keeps memory flat; errors
+    surface on the next `add` or on exit."""
 
-    def __init__(self, writer: shards.ShardWriter, depth: int = 4):
-        self.writer = writer
+    def __init__(self, writer: shards.ShardWriter, dtype: str, depth: int = 4):
+        self.writer, self.dtype = writer, dtype
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._work, name="shard-writer", daemon=True)
@@ -221,15 +241,16 @@ class _BackgroundWriter:
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
             if self._error is None:
+                host, done, examples, labels_NP = item
                 try:
-                    self.writer.add(*item)
+                    self.writer.add(host_array(host, done, self.dtype), examples, labels_NP)
                 except BaseException as err:
                     self._error = err
 
-    def add(self, *item) -> None:
+    def add(self, host, done, examples: list[dict], labels_NP: np.ndarray | None) -> None:
         if self._error is not None:
             raise self._error
-        self._queue.put(item)
+        self._queue.put((host, done, examples, labels_NP))
 
     def __enter__(self) -> _BackgroundWriter:
         self._thread.start()
