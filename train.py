@@ -3,6 +3,9 @@
 Settings: conf/train.yaml. The last line printed is the run directory.
 """
 
+import pathlib
+import sys
+
 import hydra
 
 from saev import train_config, training
@@ -16,4 +19,5 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
+    training.check_sae_choices(sys.argv[1:], pathlib.Path(__file__).parent / "conf")
     main()

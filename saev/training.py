@@ -253,6 +253,17 @@ def run_or_exit(fn) -> pathlib.Path:
     return run_dir
 
 
+def check_sae_choices(argv: list[str], conf_dir: pathlib.Path) -> None:
+    """Fail in one line on an unknown `sae=<kind>` before Hydra composes (whose own message is
+    a multi-line report); comma lists are multirun choices."""
+    known = sorted(p.stem for p in (conf_dir / "sae").glob("*.yaml"))
+    for arg in argv:
+        if arg.startswith("sae="):
+            for choice in arg.removeprefix("sae=").split(","):
+                if choice not in known:
+                    _fail(ValueError(f"unknown SAE kind sae={choice}; choose one of {known}."))
+
+
 def _fail(err: BaseException) -> None:
     msg = " ".join(str(err).split("\n")[0].split()) or type(err).__name__
     print(f"error: {msg}", file=sys.stderr)

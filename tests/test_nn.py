@@ -181,6 +181,10 @@ def test_init_choices():
     assert weights_differ(
         train(make("relu"), data()), train(make("relu", b_dec_init="zeros"), data())
     )
+    free = dict(normalize_decoder=False)
+    small = make("relu", dec_init_norm=0.1, **free)
+    assert torch.allclose(small.W_dec.norm(dim=-1), torch.full((S,), 0.1))
+    assert weights_differ(train(make("relu", **free), data()), train(small, data()))
 
 
 def test_matryoshka_prefix_losses():
