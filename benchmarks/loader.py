@@ -6,9 +6,12 @@
 Writes the shards once under --root (reused on later runs), warms the page cache, then prints for
 each dtype: the raw bandwidth (each whole file read into a fresh numpy array, the better of
 `np.fromfile` and a copy out of a memmap; median of --passes passes), the ShuffledLoader's
-bandwidth over one full epoch including its start-up (constructing it, forking the workers and
-filling the first slot), and their ratio. Bandwidth is bytes of the shard files per second, so
-float16 numbers compare like with like (the loader hands out twice those bytes as float32).
+bandwidth over one full epoch including its start-up (constructing it, forking the workers,
+mapping the files and touching the buffer for the first time), their ratio, the same for the
+loader's second epoch (what a long training run sees), and the CPU time per GB of each (the
+loader's over both epochs, workers included), which does not depend on what else runs.
+Bandwidth is bytes of the shard files per second, so float16 numbers compare like with like
+(the loader hands out twice those bytes as float32).
 Shards have one layer and no CLS token, so the loader reads every byte of every file.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
+import resource
 import statistics
 import time
 
@@ -49,6 +53,15 @@ def write_shards(root: pathlib.Path, dtype: str, gb: float, d_model: int) -> pat
     return writer.root
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process and its reaped children (the loader's workers), user + system."""
+    own, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def raw_pass(paths: list[pathlib.Path], how: str) -> float:
     """Seconds to read every file whole into a fresh numpy array."""
     start = time.perf_counter()
@@ -61,20 +74,44 @@ def raw_pass(paths: list[pathlib.Path], how: str) -> float:
     return time.perf_counter() - start
 
 
-def loader_epoch(
-    root, batch_size: int, buffer_mb: int, n_workers: int, seed: int
-) -> tuple[float, int]:
-    """Seconds for one full epoch including start-up, and the number of rows served."""
+def loader_epochs(root, batch_size: int, buffer_mb: int, n_workers: int, seed: int):
+    """Seconds for a fresh loader's first epoch (its start-up included) and for its second
+    epoch (workers, memory maps and buffer already set up), and the rows served per epoch."""
+    seconds, rows = [], []
     start = time.perf_counter()
     loader = ShuffledLoader(
         root, 0, batch_size, "patches", seed=seed, n_workers=n_workers, buffer_mb=buffer_mb
     )
-    n_rows = 0
-    for batch in loader:
-        n_rows += len(batch["act"])
-    elapsed = time.perf_counter() - start
+    for _ in range(2):
+        rows.append(0)
+        for batch in loader:
+            rows[-1] += len(batch["act"])
+        seconds.append(time.perf_counter() - start)
+        start = time.perf_counter()
     loader.close()
-    return elapsed, n_rows
+    return seconds, rows
+
+
+def measure(root, paths, n_bytes: int, row_bytes: int, args):
+    """Bandwidths (bytes/s) of raw passes and loader epochs, and CPU seconds per GB of each.
+
+    Raw passes and loader epochs alternate: other processes share this machine, so the two
+    measurements should see the same load.
+    """
+    raw, loader_bw, cpu = {"fromfile": [], "memmap": []}, [], {"raw": [], "loader": []}
+    steady_bw = []
+    for seed in range(args.passes):
+        for how in raw:
+            c0 = cpu_seconds()
+            raw[how].append(n_bytes / raw_pass(paths, how))
+            cpu["raw"].append((cpu_seconds() - c0) / (n_bytes / 1e9))
+        c0 = cpu_seconds()
+        seconds, rows = loader_epochs(root, args.batch_size, args.buffer_mb, args.n_workers, seed)
+        cpu["loader"].append((cpu_seconds() - c0) / (2 * n_bytes / 1e9))
+        assert all(n * row_bytes == n_bytes for n in rows)  # every activation, each epoch
+        loader_bw.append(n_bytes / seconds[0])
+        steady_bw.append(n_bytes / seconds[1])
+    return raw, loader_bw, steady_bw, cpu
 
 
 def main() -> None:
@@ -84,7 +121,7 @@ def main() -> None:
     parser.add_argument("--d-model", default=768, type=int)
     parser.add_argument("--dtypes", default="float32,float16")
     parser.add_argument("--batch-size", default=16384, type=int)
-    parser.add_argument("--buffer-mb", default=1024, type=int)
+    parser.add_argument("--buffer-mb", default=512, type=int)
     parser.add_argument("--n-workers", default=2, type=int)
     parser.add_argument("--passes", default=3, type=int)
     args = parser.parse_args()
@@ -95,17 +132,8 @@ def main() -> None:
         paths = [f.path for f in shards.open_shards(root).files]
         n_bytes = sum(p.stat().st_size for p in paths)
         raw_pass(paths, "fromfile")  # warm the page cache
-        # Interleave raw passes and loader epochs: other processes share this machine, so the
-        # two measurements should see the same load.
-        raw, loader_bw = {"fromfile": [], "memmap": []}, []
-        for seed in range(args.passes):
-            for how in raw:
-                raw[how].append(n_bytes / raw_pass(paths, how))
-            seconds, n_rows = loader_epoch(
-                root, args.batch_size, args.buffer_mb, args.n_workers, seed
-            )
-            assert n_rows * args.d_model * shards.DTYPE_ITEMSIZE[dtype] == n_bytes
-            loader_bw.append(n_bytes / seconds)
+        row_bytes = args.d_model * shards.DTYPE_ITEMSIZE[dtype]
+        raw, loader_bw, steady_bw, cpu = measure(root, paths, n_bytes, row_bytes, args)
         raw_bw = max(statistics.median(v) for v in raw.values())
         med = statistics.median(loader_bw)
         print(
@@ -114,7 +142,10 @@ def main() -> None:
             f"{statistics.median(raw['memmap']) / 1e9:.2f}) -> {raw_bw / 1e9:.2f} GB/s | "
             f"ShuffledLoader epochs {', '.join(f'{b / 1e9:.2f}' for b in loader_bw)} GB/s, median "
             f"{med / 1e9:.2f} GB/s = {med / raw_bw:.0%} of raw | buffer {args.buffer_mb} MB, "
-            f"{args.n_workers} workers, batch {args.batch_size}"
+            f"{args.n_workers} workers, batch {args.batch_size}\n  second epoch of the same loader "
+            f"(start-up paid): {', '.join(f'{b / 1e9:.2f}' for b in steady_bw)} GB/s, median "
+            f"{statistics.median(steady_bw) / raw_bw:.0%} of raw | CPU s per GB: raw "
+            f"{statistics.median(cpu['raw']):.2f}, loader {statistics.median(cpu['loader']):.2f}"
         )
     print(f"load average {os.getloadavg()}")
 

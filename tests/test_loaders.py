@@ -272,3 +272,21 @@ def test_nonfinite_half_precision(tmp_path, dtype, bits):
         _, act, ex, tok = collect(loader)
         assert loader.n_nonfinite == 1 and (9, 4) not in set(zip(ex.tolist(), tok.tolist()))
     np.testing.assert_array_equal(act, stored[ex, 1, tok])
+
+
+@pytest.mark.gpu
+def test_batches_are_pinned_and_copy_to_the_gpu_asynchronously(tmp_path):
+    root, stored = make_shards(tmp_path)
+    with ShuffledLoader(root, -1, 16, n_workers=1, buffer_mb=0.002) as loader:
+        assert loader.pin_memory
+        on_gpu = []
+        for batch in loader:
+            assert batch["act"].is_pinned()
+            on_gpu.append({k: v.to("cuda", non_blocking=True) for k, v in batch.items()})
+        torch.cuda.synchronize()
+    ex, tok = (
+        torch.cat([b[k] for b in on_gpu]).cpu().numpy() for k in ("example_idx", "token_idx")
+    )
+    np.testing.assert_array_equal(
+        torch.cat([b["act"] for b in on_gpu]).cpu().numpy(), stored[ex, 1, tok]
+    )
