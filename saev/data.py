@@ -348,6 +348,7 @@ class ShardDataModule(L.LightningDataModule):
         self.shard_set: shards.ShardSet | None = None
         self.norm_stats: NormStats | None = None
         self._train_loader = self._val_loader = None
+        self._train_epoch = 0
 
     def setup(self, stage: str | None = None) -> None:
         if self.shard_set is not None:
@@ -416,7 +417,18 @@ class ShardDataModule(L.LightningDataModule):
                 buffer_mb=self.cfg.buffer_mb,
                 **self._common(),
             )
+            self._train_loader.epoch = self._train_epoch
         return self._train_loader
+
+    def state_dict(self) -> dict:
+        """Saved in Lightning checkpoints, so that a resumed run continues the epoch sequence."""
+        epoch = self._train_epoch if self._train_loader is None else self._train_loader.epoch
+        return {"train_epoch": epoch}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._train_epoch = int(state["train_epoch"])
+        if self._train_loader is not None:
+            self._train_loader.epoch = self._train_epoch
 
     def val_dataloader(self) -> OrderedLoader | list:
         """Ordered batches over the held-out examples only ([] when val_fraction is 0)."""

@@ -201,6 +201,21 @@ def test_ddp_ranks_get_disjoint_streams_and_per_device_batch(tmp_path, monkeypat
     assert seen[0].isdisjoint(seen[1]) and len(seen[0]) == len(seen[1]) == 12
 
 
+def test_resumed_datamodule_continues_the_epoch_sequence(tmp_path):
+    root, _ = make_shards(tmp_path, n_examples=30)
+    dm = ShardDataModule(cfg_for(root))
+    dm.setup("fit")
+    collect(dm.train_dataloader())
+    second = collect(dm.train_dataloader())[2]
+    assert dm.state_dict() == {"train_epoch": 2}
+    resumed = ShardDataModule(cfg_for(root))
+    resumed.load_state_dict({"train_epoch": 1})  # as Lightning does from a checkpoint
+    resumed.setup("fit")
+    np.testing.assert_array_equal(collect(resumed.train_dataloader())[2], second)
+    dm.teardown("fit")
+    resumed.teardown("fit")
+
+
 def _all_train_acts(dm):
     loader = OrderedLoader(
         dm.shard_set, dm.cfg.layer, 1000, dm.cfg.tokens, examples=dm.train_examples, n_workers=0
