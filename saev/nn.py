@@ -328,8 +328,26 @@ class SAE(nn.Module):
         `may_be_dead=False` (fewer than dead_after_tokens tokens trained) skips AuxK's top-k."""
         x_norm_BD = self.normalize(x_BD)
         pre_BS = self.pre_acts(x_norm_BD)
-        f_BS = self.activate(pre_BS)
-        return self.losses(x_norm_BD, pre_BS, f_BS, sparsity_scale, may_be_dead=may_be_dead)
+        if self.cfg.activation == "topk" and not self.cfg.matryoshka:
+            f_BS, x_hat_BD = self._topk_sparse_decode(pre_BS)
+        else:
+            f_BS, x_hat_BD = self.activate(pre_BS), None
+        return self.losses(
+            x_norm_BD, pre_BS, f_BS, sparsity_scale, x_hat_BD=x_hat_BD, may_be_dead=may_be_dead
+        )
+
+    def _topk_sparse_decode(self, pre_BS: Tensor) -> tuple[Tensor, Tensor]:
+        """TopK latents and their normalized-space reconstruction from only the k active decoder
+        rows: B*k*D work instead of B*S*D for the decoder's forward and both its gradients (the
+        sparse decoder of Gao et al. 2024, sec. 5.3, here as `embedding_bag`)."""
+        vals_BK, idx_BK = pre_BS.topk(self.cfg.k, dim=-1, sorted=False)
+        vals_BK = vals_BK.relu()
+        f_BS = torch.zeros_like(pre_BS).scatter(-1, idx_BK, vals_BK)
+        W_dec = self.W_dec
+        x_hat_BD = nn.functional.embedding_bag(
+            idx_BK, W_dec, per_sample_weights=vals_BK.to(W_dec.dtype), mode="sum"
+        )
+        return f_BS, x_hat_BD + self.b_dec
 
     # -- losses --------------------------------------------------------------------------------
     def losses(
