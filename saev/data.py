@@ -206,7 +206,11 @@ class _Loader:
         self.close()
 
     def __del__(self):
-        self.close()
+        # At interpreter exit the queues may be gone; multiprocessing then ends the daemon workers.
+        try:
+            self.close()
+        except Exception:
+            pass
 
 
 def _scatter(x_R: np.ndarray, perm_R: np.ndarray) -> np.ndarray:

@@ -44,7 +44,7 @@ from saev import shards
 logger = logging.getLogger(__name__)
 
 TOKENS = ("patches", "cls", "all")
-# Below this many bytes per example run, one fancy-indexed read per shard beats a loop of copies.
+# Below this many bytes per unit, one fancy-indexed read per shard beats a loop of copies.
 SMALL_RUN_BYTES = 64 * 1024
 HALF_EXPONENT = {"float16": 0x7C00, "bfloat16": 0x7F80}
 
