@@ -60,8 +60,8 @@ class SAEModule(L.LightningModule):
         self.automatic_optimization = False
         self.members = members
         self.saes = torch.nn.ModuleList(SAE(m.sae, seed=m.seed) for m in members)
-        for sae in self.saes:
-            if norm_mean_D is not None:
+        if norm_mean_D is not None:
+            for sae in self.saes:
                 sae.set_norm(norm_mean_D, norm_scale)
         self.train_metrics = torch.nn.ModuleList(
             SAEMetrics(m.sae.d_model, m.sae.d_sae) for m in members
@@ -80,7 +80,7 @@ class SAEModule(L.LightningModule):
             {"params": list(sae.parameters()), "lr": m.lr}
             for sae, m in zip(self.saes, self.members)
         ]
-        # Fused Adam is the fastest CUDA path; foreach elsewhere.
+        # Fused Adam is the fastest CUDA path; elsewhere PyTorch's default implementation.
         opt = torch.optim.Adam(groups, fused=torch.cuda.is_available() or None)
         lambdas = [lambda step, w=m.lr_warmup_steps: warmup(step, w) for m in self.members]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
