@@ -99,13 +99,17 @@ class Recorder:
             self.vit.forward(x_BCHW)
         except _StopForward:
             pass
-        p = self.vit.n_prefix_tokens
-        per_layer = []
-        for i in self.blocks:
+        p, c = self.vit.n_prefix_tokens, int(self.cls_token)
+        first = self._acts[self.blocks[0]]
+        shape = (len(first), len(self.blocks), self.vit.n_patches + c, self.vit.d_model)
+        out_BLTD = torch.empty(shape, dtype=first.dtype, device=first.device)
+        for j, i in enumerate(self.blocks):  # one copy per layer, straight into place
             acts_BTD = self._acts[i]
-            tokens = [acts_BTD[:, :1], acts_BTD[:, p:]] if self.cls_token else [acts_BTD[:, p:]]
-            per_layer.append(torch.cat(tokens, dim=1))
-        return torch.stack(per_layer, dim=1)
+            if self.cls_token:
+                out_BLTD[:, j, 0] = acts_BTD[:, 0]
+            out_BLTD[:, j, c:] = acts_BTD[:, p:]
+        self._acts.clear()  # the full block outputs can go now
+        return out_BLTD
 
     def close(self) -> None:
         for handle in self._handles:
