@@ -123,7 +123,8 @@ class RecordConfig:
     float32, big enough for fast sequential reads, small enough that a crash loses little."""
     batch_size: int = 64
     n_workers: int = 4
-    """DataLoader processes decoding images; 0 decodes in the main process."""
+    """DataLoader processes decoding images, capped at the CPUs available; 0 decodes in the
+    main process."""
     device: str = "auto"
     """auto (cuda when available, else cpu), cpu, cuda, cuda:<i> or mps."""
     dump_to: str = "shards"
