@@ -260,9 +260,8 @@ class ShardWriter:
             dtype=NUMPY_STORAGE_DTYPE[metadata.dtype],
         )
         self._buffered_examples: list[dict] = []
-        self._labels = np.empty(
-            (metadata.examples_per_shard, metadata.n_patches_per_example), np.uint8
-        )
+        labels_shape = (metadata.examples_per_shard, metadata.n_patches_per_example)
+        self._labels = np.empty(labels_shape if patch_labels else (0, 0), np.uint8)
 
     def _recover(self) -> None:
         md_path = self.root / METADATA_NAME
