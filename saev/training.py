@@ -158,6 +158,10 @@ def train(configs: list[TrainConfig]) -> pathlib.Path:
     run_id = job.run_id or new_run_id()
     run_dir = pathlib.Path(job.runs_root) / run_id
     ckpt_path = resolve_ckpt(job, run_dir)
+    if ckpt_path is None and (run_dir / "job.json").exists():
+        raise ValueError(
+            f"{run_dir} already holds a run; resume it with ckpt_path=last or pick a new run_id."
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     configs = [dataclasses.replace(c, sae=m.sae) for c, m in zip(configs, members)]
     shards.write_json_atomic(run_dir / "job.json", [dataclasses.asdict(c) for c in configs])

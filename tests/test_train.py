@@ -131,6 +131,8 @@ def test_resume_from_last_checkpoint_is_exact(shard_root, tmp_path):
     # The interrupted run stops at step 25 of 60 (its last checkpoint), then resumes: schedules
     # depend only on the step, and the loader is repositioned to the step's batch.
     run_api(base + ["run_id=cut", "n_train=3200"])
+    with pytest.raises(ValueError, match="already holds a run; resume it with ckpt_path=last"):
+        run_api(base + ["run_id=cut"])
     resumed = run_api(base + ["run_id=cut", "ckpt_path=last"])
     a, b = weights(full / "00-relu"), weights(resumed / "00-relu")
     assert a.keys() == b.keys()
