@@ -41,7 +41,8 @@ class WandbConfig:
     project: str = "saev"
     entity: str | None = None
     mode: str | None = None
-    """"online", "offline" or "disabled"; None follows WANDB_MODE (offline needs no account)."""
+    """"online", "offline" or "disabled"; None follows WANDB_MODE, else "offline" (no network or
+    account needed; `wandb sync <run_dir>/wandb/offline-run-*` uploads later)."""
 
 
 @dataclasses.dataclass

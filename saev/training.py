@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import itertools
+import os
 import pathlib
 import re
 import secrets
@@ -66,9 +67,10 @@ class MetricsLog:
         if wb.enabled:
             import wandb
 
+            mode = wb.mode or os.environ.get("WANDB_MODE") or "offline"
             for i, c in enumerate(configs):
                 self.runs[c.name] = wandb.init(
-                    project=wb.project, entity=wb.entity, mode=wb.mode, group=run_id,
+                    project=wb.project, entity=wb.entity, mode=mode, group=run_id,
                     name=f"{run_id}/{c.name}", id=f"{run_id}-{i:02d}", job_type="train",
                     config=dataclasses.asdict(c), dir=str(run_dir), reinit="create_new",
                     resume="allow",

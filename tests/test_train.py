@@ -312,3 +312,11 @@ def test_grad_clip_and_seed_are_per_sae(shard_root, tmp_path):
     # Adam undoes a constant gradient scale, so clipping shows only where the clip factor varies
     # from step to step; a tiny max norm clips every step by a different factor.
     assert not torch.equal(w["clipped"], w["unclipped"])
+
+
+def test_wandb_defaults_to_offline_without_network_or_account(shard_root, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    cfg = configs(common(shard_root, tmp_path) + ["sae=topk", "sae.exp_factor=2", "n_train=640"])
+    run = training.train([dataclasses.replace(cfg, name=n) for n in ("a", "b")])
+    offline = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(p.name.endswith(("-00", "-01")) for p in offline)
