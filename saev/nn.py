@@ -280,8 +280,10 @@ class SAE(nn.Module):
 
     # -- encode / decode -----------------------------------------------------------------------
     def pre_acts(self, x_BD: Tensor) -> Tensor:
-        """Encoder pre-activations of normalized inputs."""
-        return (x_BD - self.b_dec) @ self.W_enc + self.b_enc
+        """Encoder pre-activations of normalized inputs, W_enc^T (x - b_dec) + b_enc."""
+        # Folding b_dec into the bias keeps the big GEMM's input free of gradients: b_dec's
+        # gradient through the encoder costs a [D]x[D,S] product, not a B x S x D GEMM.
+        return x_BD @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc)
 
     def activate(self, pre_BS: Tensor) -> Tensor:
         act = self.cfg.activation
