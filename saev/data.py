@@ -139,8 +139,8 @@ class _Loader:
     def _cut(self, out, dst: slice, slot_t, ex_R, tok_R, rows, pos: int) -> None:
         """out[dst] <- rows `rows[pos:...]` of the slot (or its plain slice when rows is None)."""
         take = dst.stop - dst.start
-        if rows is None:  # slots are already shuffled: plain slices (copy_ also up-casts)
-            out["act"][dst].copy_(slot_t[pos : pos + take])
+        if rows is None:  # slots are already shuffled: plain slices
+            _copy_1thread(out["act"][dst], slot_t[pos : pos + take])
             out["example_idx"][dst].copy_(ex_R[pos : pos + take])
             out["token_idx"][dst].copy_(tok_R[pos : pos + take])
             return
@@ -211,6 +211,27 @@ class _Loader:
             self.close()
         except Exception:
             pass
+
+
+# Torch runs an element-wise op inline (no OpenMP threads) below this many elements.
+_INLINE_NUMEL = 32768
+
+
+def _copy_1thread(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst <- src (up-casting 16-bit floats) on this thread only.
+
+    torch's multi-threaded copy_ spins its OpenMP threads on the cores the loader's workers need
+    (on 2 cores it doubled the main process's CPU time for no gain in wall time). float32 goes
+    through numpy's single-threaded copy; float16/bfloat16 through torch's vectorized conversion,
+    in pieces small enough that torch does not parallelize them (numpy's float16 cast is ~5x
+    slower).
+    """
+    if src.dtype == dst.dtype:
+        np.copyto(dst.numpy(), src.numpy())
+        return
+    step = max(1, _INLINE_NUMEL // max(1, src[0].numel())) if len(src) else 1
+    for i in range(0, len(src), step):
+        dst[i : i + step].copy_(src[i : i + step])
 
 
 def _scatter(x_R: np.ndarray, perm_R: np.ndarray) -> np.ndarray:

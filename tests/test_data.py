@@ -325,3 +325,12 @@ def test_lightning_fit_runs_on_the_datamodule(tmp_path):
     assert trainer.global_step == 2 * len(dm.train_dataloader())
     assert probe.train_examples == set(dm.train_examples.tolist())
     assert probe.val_examples == set(dm.val_examples.tolist())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n_rows", [0, 1, 41, 43, 200])
+def test_single_thread_copy_matches_torch_copy(dtype, n_rows):
+    src = torch.randn(n_rows, 768).to(dtype)
+    dst = torch.full((n_rows, 768), float("nan"))
+    data._copy_1thread(dst, src)
+    assert torch.equal(dst, src.float())
