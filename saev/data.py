@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import sys
 
 import lightning as L
@@ -72,6 +73,9 @@ class _Loader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}.")
         self.batch_size, self.n_workers = batch_size, n_workers
+        # Reader processes actually started: the main process needs a core of its own (on 2 CPUs a
+        # second worker only contended). The slots, and so the order, still follow n_workers.
+        self.n_procs = min(n_workers, max(1, _usable_cpus() - 1))
         self.rank, self.world_size = rank, world_size
         self.skip_nonfinite = skip_nonfinite
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -159,7 +163,7 @@ class _Loader:
         if self._pipeline is None:
             source = Source(self.shard_set, self.layout)
             self._pipeline = Pipeline(
-                source, self.d_model, self.slot_rows, self.n_slots, self.n_workers
+                source, self.d_model, self.slot_rows, self.n_slots, self.n_procs
             )
         B = self.batch_size
         out, filled, n_bad = None, 0, 0
@@ -211,6 +215,10 @@ class _Loader:
             self.close()
         except Exception:
             pass
+
+
+def _usable_cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 # Torch runs an element-wise op inline (no OpenMP threads) below this many elements.
@@ -310,7 +318,8 @@ class DataConfig:
     seed: int = 0
     """Seed of the shuffle order (epoch e uses (seed, e)); the split does not depend on it."""
     n_workers: int = 2
-    """Reader processes filling the shuffle buffer; 0 reads in the main process."""
+    """Reader processes filling the shuffle buffer; 0 reads in the main process. At most (CPUs - 1)
+    processes start; the buffer layout (and so the order) follows n_workers regardless."""
     buffer_mb: int = 512
     """Shuffle buffer (MiB, storage dtype): a batch mixes ~buffer_mb / (n_workers + 2) of it (~890
     images per batch for ViT-B/16 float32 at 512 MiB; see saev.loaders)."""

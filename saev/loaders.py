@@ -9,7 +9,8 @@ Built to run at the speed of the storage (DESIGN.md, "Training"; issue 3):
 - *Slots.* The shuffle buffer (`buffer_mb`, in the storage dtype) is one shared-memory array of
   `n_workers + 2` slots; a slot holds `units_per_fill` units. The loader hands each slot a *fill*
   (consecutive units of the epoch's random permutation, sorted by file position) and a random
-  permutation of the fill's rows.
+  permutation of the fill's rows. At most CPUs - 1 worker processes start (the main process
+  needs a core of its own); the slots, and so the order, follow `n_workers` regardless.
 - *Workers.* Forked processes (start-up in milliseconds) copy each unit (one `memcpy`-like slice
   of a read-only memmap that the worker opened once per shard) straight to its permuted rows of
   the slot, and check it for NaN/inf while it is in cache. Several fills are in flight at once.

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from saev import shards
+from saev import data, shards
 from saev.data import OrderedLoader, ShuffledLoader
 from saev.loaders import Layout, NonFiniteError, Source, select
 
@@ -35,6 +35,12 @@ def make_shards(
         writer.add(acts_NLTD, [{"index": i} for i in range(n_examples)])
     stored = shards.to_float32(shards.from_float32(acts_NLTD, dtype), dtype)
     return writer.root, stored
+
+
+@pytest.fixture(autouse=True)
+def many_cpus(monkeypatch):
+    """Start the n_workers processes the tests ask for, however few CPUs this machine has."""
+    monkeypatch.setattr(data, "_usable_cpus", lambda: 64)
 
 
 def collect(loader):
@@ -290,3 +296,17 @@ def test_batches_are_pinned_and_copy_to_the_gpu_asynchronously(tmp_path):
     np.testing.assert_array_equal(
         torch.cat([b["act"] for b in on_gpu]).cpu().numpy(), stored[ex, 1, tok]
     )
+
+
+def test_process_cap_keeps_the_order(tmp_path, monkeypatch):
+    """Fewer processes than n_workers (few CPUs) read the same batches in the same order."""
+    root, _ = make_shards(tmp_path)
+    runs = []
+    for cpus in (64, 2, 1):
+        monkeypatch.setattr(data, "_usable_cpus", lambda cpus=cpus: cpus)
+        with ShuffledLoader(root, 3, 16, seed=1, n_workers=3, buffer_mb=0.004) as loader:
+            assert loader.n_procs == min(3, max(1, cpus - 1))
+            runs.append(collect(loader)[1:])
+    for run in runs[1:]:
+        for a, b in zip(runs[0], run):
+            np.testing.assert_array_equal(a, b)
