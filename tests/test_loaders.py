@@ -1,10 +1,12 @@
 """ShuffledLoader / OrderedLoader: exactly-once epochs, file contents, dtypes, shuffling, NaN."""
 
+import mmap
+
 import numpy as np
 import pytest
 import torch
 
-from saev import data, shards
+from saev import data, loaders, shards
 from saev.data import OrderedLoader, ShuffledLoader
 from saev.loaders import Layout, NonFiniteError, Source, select
 
@@ -310,3 +312,21 @@ def test_process_cap_keeps_the_order(tmp_path, monkeypatch):
     for run in runs[1:]:
         for a, b in zip(runs[0], run):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("advice", ["works", "fails"])
+def test_prefaulting_the_buffer_keeps_exactly_once(tmp_path, monkeypatch, advice):
+    """The main process maps pages of slots that a worker may be filling at the same time."""
+    root, stored = make_shards(tmp_path, n_examples=60, d_model=64)
+    monkeypatch.setattr(loaders, "PREFAULT_BYTES", 4 * mmap.PAGESIZE)
+    if advice == "fails":  # a kernel without MADV_POPULATE_WRITE: EINVAL, workers fault pages in
+        monkeypatch.setattr(loaders, "MADV_POPULATE_WRITE", -1)
+    with ShuffledLoader(root, 3, 50, "all", seed=2, n_workers=1, buffer_mb=0.25) as loader:
+        assert len(loader._pipeline._fresh if loader._pipeline else [None]) > 0
+        for _ in range(2):
+            _, act, ex, tok = collect(loader)
+            assert sorted(zip(ex.tolist(), tok.tolist())) == [
+                (e, t) for e in range(60) for t in range(6)
+            ]
+            np.testing.assert_array_equal(act, stored[ex, 0, tok])
+        assert loader._pipeline._fresh == []
