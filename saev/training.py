@@ -33,6 +33,39 @@ from saev.train_config import PER_SAE_KEYS, TrainConfig, sweep_overrides
 CKPT_DIR = "checkpoints"
 
 
+class Progress(L.Callback):
+    """A progress bar over the whole run (not Lightning's per-epoch one: an epoch of a small shard
+    set can be a single step): activations trained on, activations/s and ETA, on stderr."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+        self.bar = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(
+            total=trainer.max_steps * self.batch_size,
+            initial=trainer.global_step * self.batch_size,
+            unit="act",
+            unit_scale=True,
+            dynamic_ncols=True,
+            file=sys.stderr,
+            disable=not trainer.is_global_zero,
+        )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.bar.update(trainer.global_step * self.batch_size - self.bar.n)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.bar.close()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        # Close the bar so that the one-line error that follows starts on a line of its own.
+        if self.bar is not None:
+            self.bar.close()
+
+
 class SeekableLoader:
     """The train loader positioned from the module's step: epoch `step // len`, skipping the
     batches of that epoch already trained on, so a resumed run sees exactly the batches an
@@ -134,8 +167,8 @@ def make_trainer(job: TrainConfig, run_dir: pathlib.Path, n_steps: int) -> L.Tra
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         logger=False,
-        callbacks=[ckpt],
-        enable_progress_bar=False,
+        callbacks=[ckpt, Progress(job.data.batch_size)],
+        enable_progress_bar=False,  # Progress above covers the run, not one epoch
         enable_model_summary=False,
         default_root_dir=run_dir,
     )

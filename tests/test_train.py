@@ -188,8 +188,9 @@ def test_non_finite_loss_stops_naming_sae_and_step(shard_root, tmp_path, capsys)
     with pytest.raises(SystemExit) as exc:
         training.run_or_exit(lambda: training.train([ok, bad]))
     assert exc.value.code == 1
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: non-finite loss for SAE bad at step ") and "\n" not in err
+    # The progress bar comes first on stderr; the error is the whole last line.
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: non-finite loss for SAE bad at step ")
     ckpt = tmp_path / "boom" / "checkpoints" / "last.ckpt"
     assert f"last good checkpoint: {ckpt}" in err
     state = torch.load(ckpt, weights_only=False)["state_dict"]
