@@ -14,6 +14,8 @@ Built to run at the speed of the storage (DESIGN.md, "Training"; issue 3):
 - *Workers.* Forked processes (start-up in milliseconds) copy each unit (one `memcpy`-like slice
   of a read-only memmap that the worker opened once per shard) straight to its permuted rows of
   the slot, and check it for NaN/inf while it is in cache. Several fills are in flight at once.
+  Rather than wait for a worker, the main process takes a queued fill itself (or pre-faults fresh
+  pages of the buffer): with workers capped at CPUs - 1, it would otherwise leave a core idle.
 - *Batches.* The main process takes slots in order and cuts batches as plain contiguous slices
   (the shuffle already happened), up-casting float16/bfloat16 in the same vectorized copy; a batch
   may span two slots. A consumed slot goes straight back to the workers.
@@ -299,7 +301,7 @@ class Pipeline:
             j = 0
             while j in pending:
                 while j not in ready:
-                    if self._prefault():
+                    if self._prefault() or self._help(gen, ready):
                         continue
                     g, k, result, err = self._get()
                     self._outstanding -= 1
@@ -334,6 +336,22 @@ class Pipeline:
             self._fresh = []
         return True
 
+    def _help(self, gen: int, ready: dict) -> bool:
+        """Instead of waiting for a worker, fill a queued slot here; False if none is queued (or
+        a result is waiting). With fewer workers than CPUs the main process has a core idling."""
+        if not self._results.empty():
+            return False
+        try:
+            msg = self._tasks.get_nowait()
+        except queue.Empty:
+            return False
+        g, k, slot, units, perm_R = msg
+        result = self.source.fill(units, self.slots[slot], perm_R)
+        self._outstanding -= 1
+        if g == gen:
+            ready[k] = result
+        return True
+
     def close(self) -> None:
         for _ in self._procs:
             self._tasks.put(None)
@@ -342,3 +360,4 @@ class Pipeline:
             if p.is_alive():
                 p.terminate()
         self._procs = []
+        self._outstanding = 0  # no worker is left to write into a slot (nor to answer _drain)

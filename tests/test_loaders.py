@@ -330,3 +330,40 @@ def test_prefaulting_the_buffer_keeps_exactly_once(tmp_path, monkeypatch, advice
             ]
             np.testing.assert_array_equal(act, stored[ex, 0, tok])
         assert loader._pipeline._fresh == []
+
+
+class _IdleWorker:
+    """Stands in for a worker process that never takes a task."""
+
+    exitcode = None
+
+    def is_alive(self):
+        return True
+
+    def join(self, timeout=None):
+        pass
+
+    def terminate(self):
+        pass
+
+
+def test_main_process_fills_queued_slots_when_workers_lag(tmp_path):
+    """Workers that never take a task: the main process fills every slot itself (Pipeline._help)."""
+    import queue
+
+    root, stored = make_shards(tmp_path)
+    with ShuffledLoader(root, -1, 16, "all", seed=3, n_workers=2, buffer_mb=0.002) as loader:
+        loader._pipeline = loaders.Pipeline(
+            Source(loader.shard_set, loader.layout), loader.d_model, loader.slot_rows,
+            loader.n_slots, loader.n_procs,
+        )  # fmt: skip
+        pipeline = loader._pipeline
+        pipeline._procs = [_IdleWorker()]
+        pipeline._tasks, pipeline._results = queue.Queue(), queue.Queue()
+        for _ in range(2):
+            _, act, ex, tok = collect(loader)
+            assert sorted(zip(ex.tolist(), tok.tolist())) == [
+                (e, t) for e in range(23) for t in range(6)
+            ]
+            np.testing.assert_array_equal(act, stored[ex, 1, tok])
+        assert pipeline._outstanding == 0
