@@ -67,18 +67,7 @@ def bare(vit: vitlib.ViT, x_NCHW: torch.Tensor, batch_size: int, device) -> Cloc
 def recorded(cfg: RecordConfig, vit: vitlib.ViT, data: PreDecoded, device) -> Clock:
     blocks = vit.resolve_layers(cfg.layers)
     recorder = vitlib.Recorder(vit, blocks, cls_token=vit.has_cls)
-    n_vectors = len(blocks) * (vit.n_patches + int(vit.has_cls))
-    md = shards.Metadata(
-        model=vit.description,
-        layers=tuple(cfg.layers),
-        cls_token=vit.has_cls,
-        n_patches_per_example=vit.n_patches,
-        d_model=vit.d_model,
-        dtype=cfg.dtype,
-        n_examples=len(data),
-        examples_per_shard=cfg.max_patches_per_shard // n_vectors,
-        data=data.describe(),
-    )
+    md = recording.shard_metadata(cfg, vit, len(blocks), vit.has_cls, data)
     identity = dataclasses.replace(vit, transform=lambda x: x)
     clock = Clock()
     with tempfile.TemporaryDirectory() as dump_to:

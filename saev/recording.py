@@ -59,23 +59,7 @@ def record(cfg: RecordConfig) -> pathlib.Path:
     blocks = vit.resolve_layers(cfg.layers)
     cls_token = vit.has_cls if cfg.cls_token is None else cfg.cls_token
     recorder = vitlib.Recorder(vit, blocks, cls_token)
-    n_vectors = len(blocks) * (vit.n_patches + int(cls_token))
-    if cfg.max_patches_per_shard < n_vectors:
-        raise RecordError(
-            f"max_patches_per_shard={cfg.max_patches_per_shard} is below one example's "
-            f"{n_vectors} token vectors (layers x tokens)."
-        )
-    metadata = shards.Metadata(
-        model=vit.description,
-        layers=tuple(cfg.layers),
-        cls_token=cls_token,
-        n_patches_per_example=vit.n_patches,
-        d_model=vit.d_model,
-        dtype=cfg.dtype,
-        n_examples=len(dataset),
-        examples_per_shard=cfg.max_patches_per_shard // n_vectors,
-        data=dataset.describe(),
-    )
+    metadata = shard_metadata(cfg, vit, len(blocks), cls_token, dataset)
     with shards.ShardWriter(dump_to, metadata, patch_labels=dataset.has_patch_labels) as writer:
         if not writer.complete:
             start = _resume_at(writer, dataset)
@@ -88,6 +72,30 @@ def record(cfg: RecordConfig) -> pathlib.Path:
         writer.finish()
     recorder.close()
     return writer.root
+
+
+def shard_metadata(
+    cfg: RecordConfig, vit, n_layers: int, cls_token: bool, dataset
+) -> shards.Metadata:
+    """The shard directory's metadata; shards hold as many examples as fit in
+    `max_patches_per_shard` token vectors (layers x tokens per example)."""
+    n_vectors = n_layers * (vit.n_patches + int(cls_token))
+    if cfg.max_patches_per_shard < n_vectors:
+        raise RecordError(
+            f"max_patches_per_shard={cfg.max_patches_per_shard} is below one example's "
+            f"{n_vectors} token vectors (layers x tokens)."
+        )
+    return shards.Metadata(
+        model=vit.description,
+        layers=tuple(cfg.layers),
+        cls_token=cls_token,
+        n_patches_per_example=vit.n_patches,
+        d_model=vit.d_model,
+        dtype=cfg.dtype,
+        n_examples=len(dataset),
+        examples_per_shard=cfg.max_patches_per_shard // n_vectors,
+        data=dataset.describe(),
+    )
 
 
 def _device(name: str):

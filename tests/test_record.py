@@ -79,13 +79,11 @@ def photos(tmp_path_factory) -> pathlib.Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def tiny_weights(tmp_path_factory) -> pathlib.Path:
-    import safetensors.torch
+def tiny_timm_model():
+    """The tiny timm ViT (4 register tokens) whose weights the record runs load from a file."""
     import timm
 
-    torch.manual_seed(123)
-    model = timm.create_model(
+    return timm.create_model(
         "vit_tiny_patch16_224",
         num_classes=0,
         img_size=32,
@@ -95,6 +93,14 @@ def tiny_weights(tmp_path_factory) -> pathlib.Path:
         num_heads=4,
         reg_tokens=4,
     )
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory) -> pathlib.Path:
+    import safetensors.torch
+
+    torch.manual_seed(123)
+    model = tiny_timm_model()
     state = dict(model.state_dict())
     state["head.weight"], state["head.bias"] = torch.zeros(10, 64), torch.zeros(10)  # ignored
     path = tmp_path_factory.mktemp("weights") / "tiny.safetensors"
@@ -157,16 +163,7 @@ def test_tiny_timm_activations_equal_direct_forward(tiny_run, photos, tiny_weigh
     from PIL import Image
 
     root = shard_dir(tiny_run[2])
-    model = timm.create_model(
-        "vit_tiny_patch16_224",
-        num_classes=0,
-        img_size=32,
-        patch_size=8,
-        embed_dim=64,
-        depth=4,
-        num_heads=4,
-        reg_tokens=4,
-    )
+    model = tiny_timm_model()
     state = safetensors.torch.load_file(str(tiny_weights))
     model.load_state_dict({k: v for k, v in state.items() if not k.startswith("head.")})
     model.eval()
