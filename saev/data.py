@@ -408,7 +408,7 @@ class ShardDataModule(L.LightningDataModule):
             )
         if cfg.scale_mean or cfg.scale_norm:
             moments = load_or_estimate_moments(
-                shard_set.root, cfg.layer, cfg.tokens, self.train_examples, cfg.n_stats_examples,
+                shard_set, cfg.layer, cfg.tokens, self.train_examples, cfg.n_stats_examples,
                 lambda sample: OrderedLoader(
                     shard_set, cfg.layer, 65536, cfg.tokens, examples=sample, n_workers=0,
                     buffer_mb=64, skip_nonfinite=cfg.skip_nonfinite, pin_memory=False,

@@ -73,8 +73,28 @@ def cache_dir() -> pathlib.Path:
     return pathlib.Path(os.environ.get("SAEV_CACHE", pathlib.Path.home() / ".cache" / "saev"))
 
 
+FINGERPRINT_BYTES = 4096
+"""Bytes read from each end of every shard file to tell re-recorded content from the old."""
+
+
+def content_fingerprint(shard_set: shards.ShardSet) -> str:
+    """sha256 of what decides the activations' values without reading them all: metadata, the
+    shard listing, each file's size and modification time, and its first and last 4 KiB (a
+    re-recording in place with other weights or images changes the values there)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(shard_set.metadata.to_json(), sort_keys=True).encode())
+    for f in shard_set.files:
+        st = f.path.stat()
+        h.update(f"{f.path.name}:{f.n_examples}:{st.st_size}:{st.st_mtime_ns}".encode())
+        with open(f.path, "rb") as fd:
+            h.update(fd.read(FINGERPRINT_BYTES))
+            fd.seek(max(0, st.st_size - FINGERPRINT_BYTES))
+            h.update(fd.read(FINGERPRINT_BYTES))
+    return h.hexdigest()
+
+
 def load_or_estimate_moments(
-    root: pathlib.Path,
+    shard_set: shards.ShardSet,
     layer: int,
     tokens: str,
     train: np.ndarray,
@@ -83,18 +103,21 @@ def load_or_estimate_moments(
     d_model: int,
 ) -> dict:
     """Moments of a seeded sample of `n_sample` train examples (read with `read(examples)`),
-    cached as JSON keyed by layer and tokens.
+    cached as JSON named by layer and tokens.
 
     The cache lives in `<shard_root>/norm-stats/`; if that is not writable, in
     `cache_dir()/norm-stats/<sha of shard_root>/` (logged). A cached file is reused only if it was
-    computed from the same sample.
+    computed from the same sample of the same content (`content_fingerprint`), so statistics of a
+    directory re-recorded in place, or of another directory at the same path, are not reused.
     """
+    root = shard_set.root
     n = min(n_sample, len(train))
     sample = np.sort(np.random.default_rng(STATS_SEED).choice(train, size=n, replace=False))
     key = {
         "layer": layer,
         "tokens": tokens,
         "sample_sha256": hashlib.sha256(sample.astype("<i8").tobytes()).hexdigest(),
+        "content_sha256": content_fingerprint(shard_set),
     }
     name = f"layer{layer}-{tokens}.json"
     root = pathlib.Path(root).resolve()

@@ -117,14 +117,26 @@ class Metadata:
         return self.layers.index(layer)
 
 
+def fsync_dir(directory: pathlib.Path) -> None:
+    """Make renames and new names in `directory` durable: a rename is only on disk once the
+    directory itself is synced (POSIX; without it a power loss can forget a finished shard)."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: pathlib.Path, obj) -> None:
-    """Write JSON so that readers see the old file or the new one, never half of either."""
+    """Write JSON so that readers see the old file or the new one, never half of either, and the
+    new one survives a power loss once this returns."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as fd:
         json.dump(obj, fd, indent=2)
         fd.flush()
         os.fsync(fd.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
 
 
 def read_json(path: pathlib.Path):
@@ -168,11 +180,14 @@ class ShardSet:
         return np.memmap(f.path, dtype=NUMPY_STORAGE_DTYPE[md.dtype], mode="r", shape=shape)
 
 
-def open_shards(root: str | os.PathLike, *, strict_sizes: bool = True) -> ShardSet:
+def open_shards(
+    root: str | os.PathLike, *, strict_sizes: bool = True, require_complete: bool = True
+) -> ShardSet:
     """Open and validate a shard directory of format version 1.
 
-    Checks that every file in `shards.json` exists with exactly the size its example count implies,
-    so a bad directory fails here, before any training step.
+    Checks that every file in `shards.json` exists with exactly the size its example count implies
+    and (with `require_complete`) that the recording has finished, i.e. `shards.json` holds the
+    `n_examples` of `metadata.json`, so a bad directory fails here, before any training step.
     """
     root = pathlib.Path(root)
     if not root.is_dir():
@@ -195,6 +210,16 @@ def open_shards(root: str | os.PathLike, *, strict_sizes: bool = True) -> ShardS
             )
         files.append(ShardFile(path, n, start))
         start += n
+    if start > md.n_examples:
+        raise ShardError(
+            f"{root / SHARDS_NAME} lists {start} examples but metadata.json says {md.n_examples}; "
+            "the directory is corrupt, re-record it."
+        )
+    if require_complete and start < md.n_examples:
+        raise ShardError(
+            f"the recording in {root} has not finished ({start} of {md.n_examples} examples); "
+            "re-run the same record.py command to resume it, or wait for the one running."
+        )
     return ShardSet(root, md, tuple(files))
 
 
@@ -372,6 +397,8 @@ class ShardWriter:
                 fd.flush()
                 os.fsync(fd.fileno())
             os.replace(tmp, final)
+            # The shard's name must be durable before shards.json can point at it.
+            fsync_dir(self.root)
             with open(self.root / EXAMPLES_NAME, "a") as fd:
                 fd.write(lines)
                 fd.flush()
