@@ -464,3 +464,49 @@ def test_an_unreadable_image_stops_the_run_naming_the_file(tmp_path, photos):
     message = str(err.value)
     assert "b/broken.jpg" in message and "data.skip_bad_images=true" in message
     assert "\n" not in message
+
+
+def test_record_batches_are_pinned_by_the_data_loader():
+    """DataLoader(pin_memory=True) pins only types it knows or that define `pin_memory`; a
+    pageable batch would make the host-to-device copy synchronous."""
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    from saev.recording import Batch
+
+    class Pinnable:
+        def pin_memory(self):
+            return "pinned"
+
+    batch = Batch(Pinnable(), [0], None, [])
+    assert pin_memory(batch).x_BCHW == "pinned"
+    empty = Batch(None, [], None, [(0, "unreadable")])
+    assert pin_memory(empty) is empty
+
+
+@pytest.mark.gpu
+def test_record_loop_pins_batches_and_enables_tf32(tmp_path, monkeypatch):
+    import saev.vit as vitlib
+    from saev import recording
+    from saev.record_config import RecordConfig
+
+    seen = []
+
+    class Spy(vitlib.Recorder):
+        def __call__(self, x_BCHW):
+            seen.append((x_BCHW.device.type, torch.backends.cuda.matmul.allow_tf32))
+            return super().__call__(x_BCHW)
+
+    monkeypatch.setattr(vitlib, "Recorder", Spy)
+    pinned = []
+    real_pin = recording.Batch.pin_memory
+
+    def pin(self):
+        out = real_pin(self)
+        pinned.append(out.x_BCHW is None or out.x_BCHW.is_pinned())
+        return out
+
+    monkeypatch.setattr(recording.Batch, "pin_memory", pin)
+    cfg = RecordConfig(n_workers=0, device="cuda", dump_to=str(tmp_path / "shards"))
+    recording.record(cfg)
+    assert seen and all(dev == "cuda" and tf32 for dev, tf32 in seen)
+    assert pinned and all(pinned)
