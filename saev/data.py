@@ -10,6 +10,7 @@ loaders serve raw activations and `ShardDataModule.norm_stats` says how the SAE 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -159,7 +160,9 @@ class _Loader:
         torch.index_select(ex_R, 0, r, out=out["example_idx"][dst])
         torch.index_select(tok_R, 0, r, out=out["token_idx"][dst])
 
-    def _batches(self, tasks):
+    def _batches(self, tasks, skip_rows: int = 0):
+        """Batches cut from the slots the pipeline fills for `tasks`, after dropping the first
+        `skip_rows` rows (of the first slots; resuming mid-epoch)."""
         if self._pipeline is None:
             source = Source(self.shard_set, self.layout)
             self._pipeline = Pipeline(
@@ -181,7 +184,9 @@ class _Loader:
             slot_t = torch.from_numpy(slot_RD[: len(ex_R)])
             slot_t = slot_t.view(torch.bfloat16) if self.dtype == "bfloat16" else slot_t
             rows = None if mask is None else torch.from_numpy(np.flatnonzero(per_row[2]))
-            n_valid, pos = len(slot_t) if rows is None else len(rows), 0
+            n_valid = len(slot_t) if rows is None else len(rows)
+            pos = min(skip_rows, n_valid)
+            skip_rows -= pos
             while pos < n_valid:
                 if out is None:
                     out, filled = self._new_batch(), 0
@@ -273,12 +278,33 @@ class ShuffledLoader(_Loader):
         return math.ceil(self.n_examples_per_rank * self.sel.n_tokens / self.batch_size)
 
     def __iter__(self):
+        return self.iter_from(0)
+
+    def iter_from(self, first_batch: int):
+        """This epoch's batches from batch `first_batch` on, exactly those an uninterrupted
+        iteration yields there, without reading the fills before it: the order depends only on
+        (seed, epoch), so the fills that end before the batch are skipped unread (their shuffle
+        permutations are still drawn, keeping the generator in step). With skip_nonfinite the
+        rows dropped in skipped fills are unknown unread, so those fills are read and discarded.
+        """
         epoch, self.epoch = self.epoch, self.epoch + 1
         n = self.n_examples_per_rank
         mine = np.random.default_rng([self.seed, epoch]).permutation(self.examples)
         mine = mine[self.rank * n : (self.rank + 1) * n]
         rng = np.random.default_rng([self.seed, epoch, self.rank])
-        return self._batches(self._tasks(rng.permutation(self.layout.units(mine)), rng))
+        tasks = self._tasks(rng.permutation(self.layout.units(mine)), rng)
+        if self.skip_nonfinite:
+            return itertools.islice(self._batches(tasks), first_batch, None)
+        skip_rows = first_batch * self.batch_size
+        for units, perm_R in tasks:
+            n_rows = int(self.layout.decode(units)[2].sum())
+            if skip_rows < n_rows:
+                tasks = itertools.chain([(units, perm_R)], tasks)
+                break
+            skip_rows -= n_rows
+        else:
+            return iter(())
+        return self._batches(tasks, skip_rows)
 
 
 class OrderedLoader(_Loader):

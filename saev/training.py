@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import itertools
 import os
 import pathlib
 import re
@@ -67,9 +66,9 @@ class Progress(L.Callback):
 
 
 class SeekableLoader:
-    """The train loader positioned from the module's step: epoch `step // len`, skipping the
-    batches of that epoch already trained on, so a resumed run sees exactly the batches an
-    uninterrupted one would (the shuffled loader's order depends only on (seed, epoch))."""
+    """The train loader positioned from the module's step: epoch `step // len`, from the first
+    batch of that epoch not yet trained on, so a resumed run sees exactly the batches an
+    uninterrupted one would, without reading the ones before (`ShuffledLoader.iter_from`)."""
 
     def __init__(self, loader, module: L.LightningModule):
         self.loader, self.module = loader, module
@@ -80,7 +79,7 @@ class SeekableLoader:
     def __iter__(self):
         epoch, skip = divmod(self.module.global_step, len(self.loader))
         self.loader.epoch = epoch
-        return itertools.islice(iter(self.loader), skip, None)
+        return self.loader.iter_from(skip)
 
 
 class MetricsLog:

@@ -367,3 +367,39 @@ def test_main_process_fills_queued_slots_when_workers_lag(tmp_path):
             ]
             np.testing.assert_array_equal(act, stored[ex, 1, tok])
         assert pipeline._outstanding == 0
+
+
+@pytest.mark.parametrize("n_workers", [0, 2])
+def test_iter_from_is_the_epoch_s_tail_without_reading_what_comes_before(
+    tmp_path, monkeypatch, n_workers
+):
+    """Resuming mid-epoch: batches from k on equal an uninterrupted epoch's, and the fills that
+    end before batch k are never read."""
+    root, _ = make_shards(tmp_path, n_examples=60)
+    kw = dict(n_workers=n_workers, buffer_mb=0.002, seed=4)
+    with ShuffledLoader(root, 3, 7, **kw) as loader:
+        loader.epoch = 1
+        full = collect(loader)[0]
+    assert len(full) == len(loader) > 10
+    rows_read = []
+    real_fill = Source.fill
+
+    def counting_fill(self, units, dst_RD, perm_R=None):
+        rows_read.append(int(self.layout.decode(units)[2].sum()))
+        return real_fill(self, units, dst_RD, perm_R)
+
+    monkeypatch.setattr(Source, "fill", counting_fill)  # seen in-process with n_workers=0
+    for k in (0, 1, 9, len(full) - 1, len(full)):
+        rows_read.clear()
+        with ShuffledLoader(root, 3, 7, **kw) as loader:
+            loader.epoch = 1
+            tail = list(loader.iter_from(k))
+            assert loader.epoch == 2
+        assert len(tail) == len(full) - k
+        for got, want in zip(tail, full[k:]):
+            for key in want:
+                assert torch.equal(got[key], want[key]), (k, key)
+        if n_workers == 0:
+            # Every row read is served, except those of the one fill the resume point falls in.
+            served = sum(len(b["act"]) for b in tail)
+            assert served <= sum(rows_read) < served + loader.slot_rows
