@@ -36,7 +36,9 @@ import logging
 import math
 import mmap
 import multiprocessing as mp
+import os
 import queue
+import signal
 import traceback
 
 import numpy as np
@@ -52,6 +54,7 @@ SMALL_RUN_BYTES = 64 * 1024
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 PREFAULT_BYTES = 32 * 2**20  # a multiple of the page size
 HALF_EXPONENT = {"float16": 0x7C00, "bfloat16": 0x7F80}
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 class NonFiniteError(shards.ShardError, ValueError):
@@ -212,7 +215,22 @@ class Source:
         return len(bad), where, finite_R
 
 
-def _worker_main(source: Source, slots_SRD: np.ndarray, tasks, results) -> None:
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel kill this worker when the process that started it dies (SIGKILL, OOM):
+    otherwise an orphaned worker waits forever on its task queue, holding memory and maps."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the daemon flag covers clean exits only
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _worker_main(source: Source, slots_SRD: np.ndarray, tasks, results, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
     # One intra-op thread: the parallelism is across workers, and OpenMP is not fork-safe.
     torch.set_num_threads(1)
     while True:
@@ -252,7 +270,7 @@ class Pipeline:
         ctx = mp.get_context("fork")  # ms to start, like torch's DataLoader workers on Linux
         self._tasks, self._results = ctx.Queue(), ctx.Queue()
         for _ in range(self.n_workers):
-            args = (self.source, self.slots, self._tasks, self._results)
+            args = (self.source, self.slots, self._tasks, self._results, os.getpid())
             p = ctx.Process(target=_worker_main, args=args, daemon=True)
             p.start()
             self._procs.append(p)

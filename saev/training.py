@@ -83,7 +83,14 @@ class SeekableLoader:
 
 
 class MetricsLog:
-    """Per SAE: a CSV of every logged value (always) and a W&B run grouped by the job."""
+    """Per SAE: a CSV of every logged value (always) and a W&B run grouped by the job.
+
+    W&B runs plot against `STEP_KEY` (the trainer's step) rather than W&B's own step: after a
+    resume, the steps between the last checkpoint and the kill are logged again, and W&B drops
+    any record whose own step is not larger than the last one it holds.
+    """
+
+    STEP_KEY = "trainer/step"
 
     def __init__(self, run_dir: pathlib.Path, configs: list[TrainConfig], run_id: str):
         self.files, self.writers, self.runs = {}, {}, {}
@@ -107,19 +114,50 @@ class MetricsLog:
                     config=dataclasses.asdict(c), dir=str(run_dir), reinit="create_new",
                     resume="allow",
                 )  # fmt: skip
+                self.runs[c.name].define_metric(self.STEP_KEY)
+                self.runs[c.name].define_metric("*", step_metric=self.STEP_KEY)
 
     def log(self, name: str, metrics: dict[str, float], step: int) -> None:
         for key, value in metrics.items():
             self.writers[name].writerow([step, key, repr(value)])
         self.files[name].flush()
         if name in self.runs:
-            self.runs[name].log(metrics, step=step)
+            self.runs[name].log({self.STEP_KEY: step, **metrics})
+
+    def rewind(self, step: int) -> None:
+        """Forget CSV rows logged after `step` (by an attempt killed after its last checkpoint),
+        so a resumed run's metrics.csv holds each step once."""
+        for name, fd in self.files.items():
+            fd.close()
+            path = pathlib.Path(fd.name)
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+            kept = rows[:1] + [r for r in rows[1:] if r and int(r[0]) <= step]
+            if len(kept) != len(rows):
+                tmp = path.with_name(f".{path.name}.tmp")
+                with open(tmp, "w", newline="") as f:
+                    csv.writer(f).writerows(kept)
+                os.replace(tmp, path)
+            self.files[name] = open(path, "a", newline="")
+            self.writers[name] = csv.writer(self.files[name])
 
     def close(self) -> None:
         for fd in self.files.values():
             fd.close()
         for run in self.runs.values():
             run.finish()
+
+
+class RewindLog(L.Callback):
+    """Once the checkpoint is restored (the trainer knows its step), drop what the killed
+    attempt logged past it."""
+
+    def __init__(self, log: MetricsLog):
+        self.metrics_log = log
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.global_step > 0:
+            self.metrics_log.rewind(trainer.global_step)
 
 
 def named(configs: list[TrainConfig]) -> list[TrainConfig]:
@@ -149,7 +187,9 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
 
 
-def make_trainer(job: TrainConfig, run_dir: pathlib.Path, n_steps: int) -> L.Trainer:
+def make_trainer(
+    job: TrainConfig, run_dir: pathlib.Path, n_steps: int, callbacks: list[L.Callback]
+) -> L.Trainer:
     ckpt = L.pytorch.callbacks.ModelCheckpoint(
         dirpath=run_dir / CKPT_DIR, every_n_train_steps=job.ckpt_every, save_top_k=0, save_last=True
     )
@@ -166,7 +206,7 @@ def make_trainer(job: TrainConfig, run_dir: pathlib.Path, n_steps: int) -> L.Tra
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
         logger=False,
-        callbacks=[ckpt, Progress(job.data.batch_size)],
+        callbacks=[ckpt, Progress(job.data.batch_size), *callbacks],
         enable_progress_bar=False,  # Progress above covers the run, not one epoch
         enable_model_summary=False,
         default_root_dir=run_dir,
@@ -202,7 +242,7 @@ def train(configs: list[TrainConfig]) -> pathlib.Path:
     log = MetricsLog(run_dir, configs, run_id)
     stats = dm.norm_stats
     module = SAEModule(members, stats.mean_D, stats.scale, job.log_every, job.compile, log.log)
-    trainer = make_trainer(job, run_dir, n_steps)
+    trainer = make_trainer(job, run_dir, n_steps, [RewindLog(log)])
     val = dm.val_dataloader() or None
     try:
         trainer.fit(module, SeekableLoader(dm.train_dataloader(), module), val, ckpt_path=ckpt_path)

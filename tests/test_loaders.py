@@ -403,3 +403,43 @@ def test_iter_from_is_the_epoch_s_tail_without_reading_what_comes_before(
             # Every row read is served, except those of the one fill the resume point falls in.
             served = sum(len(b["act"]) for b in tail)
             assert served <= sum(rows_read) < served + loader.slot_rows
+
+
+def test_workers_die_with_a_killed_main_process(tmp_path):
+    """SIGKILL (or the OOM killer) on a training process must not leave its reader processes
+    waiting forever on their task queue."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root, _ = make_shards(tmp_path, n_examples=60)
+    script = (
+        "import sys, time\n"
+        "from saev.data import ShuffledLoader\n"
+        f"loader = ShuffledLoader({str(root)!r}, 3, 4, n_workers=2, buffer_mb=0.002)\n"
+        "next(iter(loader))\n"
+        "print(' '.join(str(p.pid) for p in loader._pipeline._procs), flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert pids
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        alive = []
+        for pid in pids:
+            try:
+                os.kill(pid, 0)
+                with open(f"/proc/{pid}/stat") as fd:
+                    if fd.read().split()[2] != "Z":
+                        alive.append(pid)
+            except (ProcessLookupError, FileNotFoundError):
+                pass
+        if not alive:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"loader workers {alive} outlived their killed parent")
