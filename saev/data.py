@@ -110,13 +110,29 @@ class _Loader:
         return examples
 
     def _tasks(self, units_in_order: np.ndarray, rng: np.random.Generator | None):
-        """Lazily, `(units, perm_R)` per fill: consecutive units, sorted so that a worker reads in
-        file order, and (when shuffling) where each of their rows goes in the slot."""
-        U = self.units_per_fill
+        """Lazily, per fill of the whole stream: `(units, dest_R, pos_R, n_rows)`, where `units`
+        are this rank's part of the fill (every world_size-th of its units, sorted so that a
+        worker reads in file order), `dest_R` says where each of their rows goes in the slot,
+        `pos_R` (ascending) is the stream position within the fill of each slot row, and
+        `n_rows` counts the whole fill's rows, all ranks together.
+
+        A fill is U consecutive units of `units_in_order` and, when shuffling, a permutation of
+        its rows: the same for every world size, so that the ranks of a DDP run together hold
+        exactly the rows a one-process run puts at each stream position."""
+        U, N = self.units_per_fill, self.world_size if self.interleaved else 1
         for i in range(0, len(units_in_order), U):
             units = np.sort(units_in_order[i : i + U])
-            n_rows = int(self.layout.decode(units)[2].sum())
-            yield units, None if rng is None else rng.permutation(n_rows)
+            len_U = self.layout.decode(units)[2]
+            n_rows = int(len_U.sum())
+            pos_R = np.arange(n_rows) if rng is None else rng.permutation(n_rows)
+            if N > 1:
+                mine_U = np.arange(len(units)) % N == self.rank
+                pos_R = pos_R[np.repeat(mine_U, len_U)]
+                units = units[mine_U]
+            order_R = np.argsort(pos_R, kind="stable")
+            dest_R = np.empty_like(order_R)
+            dest_R[order_R] = np.arange(len(order_R))
+            yield units, (None if rng is None and N == 1 else dest_R), pos_R[order_R], n_rows
 
     def _new_batch(self) -> dict[str, torch.Tensor]:
         B, D = self.batch_size, self.d_model
@@ -160,17 +176,30 @@ class _Loader:
         torch.index_select(ex_R, 0, r, out=out["example_idx"][dst])
         torch.index_select(tok_R, 0, r, out=out["token_idx"][dst])
 
-    def _batches(self, tasks, skip_rows: int = 0):
-        """Batches cut from the slots the pipeline fills for `tasks`, after dropping the first
-        `skip_rows` rows (of the first slots; resuming mid-epoch)."""
+    def _batches(self, tasks, first_batch: int = 0):
+        """Batch b of the stream holds its stream positions [b * B, (b + 1) * B): this rank's
+        rows there (all of them with one rank; about B / world_size each under DDP, so that the
+        ranks' batch b together is the one-process batch b), less any non-finite rows dropped.
+        Every rank yields every batch from `first_batch` on, possibly empty, so all ranks take
+        the same number of steps; fills that end before `first_batch` are not read."""
+        B, g0 = self.batch_size, 0
+        tasks = iter(tasks)
+        for task in tasks:  # skipped fills are never handed to a worker
+            if g0 + task[3] > first_batch * B:
+                tasks = itertools.chain([task], tasks)
+                break
+            g0 += task[3]
+        else:
+            return
         if self._pipeline is None:
             source = Source(self.shard_set, self.layout)
             self._pipeline = Pipeline(
                 source, self.d_model, self.slot_rows, self.n_slots, self.n_procs
             )
-        B = self.batch_size
-        out, filled, n_bad = None, 0, 0
-        for slot_RD, units, perm_R, (bad, where, mask) in self._pipeline.run(tasks):
+        jobs = ((units, dest_R) for units, dest_R, _, _ in self._track(tasks))
+        out, filled, batch, n_bad = self._new_batch(), 0, first_batch, 0
+        for slot_RD, units, dest_R, (bad, where, mask) in self._pipeline.run(jobs):
+            pos_R, n_rows = self._tracked.pop(0)
             if bad and not self.skip_nonfinite:
                 raise NonFiniteError(
                     f"NaN/inf activation in {self.shard_set.root}/{where}; re-record that shard or "
@@ -178,30 +207,39 @@ class _Loader:
                 )
             n_bad += bad
             per_row = [*self.layout.rows(units), *([] if mask is None else [mask])]
-            if perm_R is not None:  # the workers scattered the rows: follow them to the slot
-                per_row = [_scatter(x, perm_R) for x in per_row]
+            if dest_R is not None:  # the workers scattered the rows: follow them to the slot
+                per_row = [_scatter(x, dest_R) for x in per_row]
             ex_R, tok_R = torch.from_numpy(per_row[0]), torch.from_numpy(per_row[1])
             slot_t = torch.from_numpy(slot_RD[: len(ex_R)])
             slot_t = slot_t.view(torch.bfloat16) if self.dtype == "bfloat16" else slot_t
-            rows = None if mask is None else torch.from_numpy(np.flatnonzero(per_row[2]))
-            n_valid = len(slot_t) if rows is None else len(rows)
-            pos = min(skip_rows, n_valid)
-            skip_rows -= pos
-            while pos < n_valid:
-                if out is None:
-                    out, filled = self._new_batch(), 0
-                take = min(B - filled, n_valid - pos)
-                self._cut(out, slice(filled, filled + take), slot_t, ex_R, tok_R, rows, pos)
-                filled, pos = filled + take, pos + take
-                if filled == B:
-                    yield out
-                    out = None
-        if out is not None:
+            valid = None if mask is None else np.flatnonzero(per_row[2])
+            stream_R = g0 + (pos_R if valid is None else pos_R[valid])
+            rows = None if valid is None else torch.from_numpy(valid)
+            # Slot rows (valid ones, in slot order) of each batch this fill reaches.
+            last = (g0 + n_rows - 1) // B
+            cuts = np.searchsorted(stream_R, np.arange(batch, last + 2) * B)
+            for b, lo, hi in zip(range(batch, last + 1), cuts[:-1], cuts[1:]):
+                take = int(hi - lo)
+                self._cut(out, slice(filled, filled + take), slot_t, ex_R, tok_R, rows, int(lo))
+                filled += take
+                if (b + 1) * B <= g0 + n_rows:  # batch b ends in this fill
+                    yield {k: v[:filled] for k, v in out.items()}
+                    out, filled, batch = self._new_batch(), 0, b + 1
+            g0 += n_rows
+        if batch * B < g0:
             yield {k: v[:filled] for k, v in out.items()}
         self.n_nonfinite += n_bad
         if n_bad:
             msg = "Dropped %d non-finite activations this epoch (data.skip_nonfinite=true)."
             logger.warning(msg, n_bad)
+
+    def _track(self, tasks):
+        """Pass tasks through, remembering each one's (pos_R, n_rows) for when its slot comes
+        back (the pipeline returns slots in task order)."""
+        self._tracked: list = []
+        for task in tasks:
+            self._tracked.append((task[2], task[3]))
+            yield task
 
     def close(self) -> None:
         """Stop the worker processes (they also stop when the program exits)."""
@@ -258,24 +296,26 @@ class ShuffledLoader(_Loader):
 
     Each batch is `{"act": float32 [B, d_model], "example_idx": int64 [B], "token_idx": int64 [B]}`;
     `token_idx` is the token's position in its stored example (CLS, when recorded, is 0). The order
-    depends on (seed, epoch) and the buffer layout (buffer_mb, n_workers, run_kb). Under DDP each
-    rank takes a disjoint `len(examples) // world_size` examples of the epoch's permutation (the
-    few left over vary by epoch), so every rank yields the same number of batches. Keyword
-    arguments are those of `_Loader.__init__`.
+    depends on (seed, epoch) and the buffer layout (buffer_mb, n_workers, run_kb), never on the
+    world size: under DDP, `batch_size` is the global batch and each rank reads and serves its
+    share of every global batch (about batch_size / world_size rows, varying slightly by batch),
+    so the ranks' batches together are the one-process run's. Keyword arguments are those of
+    `_Loader.__init__`.
     """
+
+    interleaved = True
 
     def __init__(self, shard_root, layer: int, batch_size: int, tokens="patches", seed=0, **kw):
         super().__init__(shard_root, layer, batch_size, tokens, **kw)
         self.seed = seed
         self.epoch = 0
         """Epochs started so far; the next iteration's order depends on (seed, epoch)."""
-        self.n_examples_per_rank = len(self.examples) // self.world_size
-        if self.n_examples_per_rank == 0:
+        if len(self.examples) * self.sel.n_tokens < self.world_size:
             msg = f"{len(self.examples)} examples cannot be split over {self.world_size} ranks."
             raise ValueError(msg)
 
     def __len__(self) -> int:
-        return math.ceil(self.n_examples_per_rank * self.sel.n_tokens / self.batch_size)
+        return math.ceil(len(self.examples) * self.sel.n_tokens / self.batch_size)
 
     def __iter__(self):
         return self.iter_from(0)
@@ -284,35 +324,24 @@ class ShuffledLoader(_Loader):
         """This epoch's batches from batch `first_batch` on, exactly those an uninterrupted
         iteration yields there, without reading the fills before it: the order depends only on
         (seed, epoch), so the fills that end before the batch are skipped unread (their shuffle
-        permutations are still drawn, keeping the generator in step). With skip_nonfinite the
-        rows dropped in skipped fills are unknown unread, so those fills are read and discarded.
-        """
+        permutations are still drawn, keeping the generator in step)."""
         epoch, self.epoch = self.epoch, self.epoch + 1
-        n = self.n_examples_per_rank
-        mine = np.random.default_rng([self.seed, epoch]).permutation(self.examples)
-        mine = mine[self.rank * n : (self.rank + 1) * n]
-        rng = np.random.default_rng([self.seed, epoch, self.rank])
-        tasks = self._tasks(rng.permutation(self.layout.units(mine)), rng)
-        if self.skip_nonfinite:
-            return itertools.islice(self._batches(tasks), first_batch, None)
-        skip_rows = first_batch * self.batch_size
-        for units, perm_R in tasks:
-            n_rows = int(self.layout.decode(units)[2].sum())
-            if skip_rows < n_rows:
-                tasks = itertools.chain([(units, perm_R)], tasks)
-                break
-            skip_rows -= n_rows
-        else:
-            return iter(())
-        return self._batches(tasks, skip_rows)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.examples)
+        rng = np.random.default_rng([self.seed, epoch, 0])
+        return self._batches(
+            self._tasks(rng.permutation(self.layout.units(order)), rng), first_batch
+        )
 
 
 class OrderedLoader(_Loader):
     """Batches in disk order (example, then token), for evaluation and visualization.
 
     Same arguments (but no seed) and batch contents as `ShuffledLoader`. Under DDP each rank reads
-    a contiguous part of the examples (parts differ in size by at most one example).
+    a contiguous part of the examples (parts differ in size by at most one example), in batches
+    of `batch_size`.
     """
+
+    interleaved = False
 
     @property
     def mine(self) -> np.ndarray:
@@ -340,7 +369,8 @@ class DataConfig:
     tokens: str = "patches"
     """"patches", "cls" or "all" (CLS plus patches)."""
     batch_size: int = 16384
-    """Global batch size in tokens; each of N DDP ranks gets batch_size // N."""
+    """Global batch size in tokens; under DDP each of N ranks trains on its ~batch_size / N share
+    of the same global batch a one-process run trains on."""
     seed: int = 0
     """Seed of the shuffle order (epoch e uses (seed, e)); the split does not depend on it."""
     n_workers: int = 2
@@ -398,8 +428,9 @@ def _dist() -> tuple[int, int]:
 class ShardDataModule(L.LightningDataModule):
     """Train/val loaders over one layer of a shard directory, plus normalization statistics.
 
-    Run Lightning with `use_distributed_sampler=False`: under DDP each rank reads its own part of
-    the stream (rank and world size from torch.distributed) with batch_size // world_size. With
+    Run Lightning with `use_distributed_sampler=False`: under DDP each rank reads and serves its
+    share of every global batch (rank and world size from torch.distributed, looked up when the
+    loaders are first built inside `trainer.fit`). With
     CUDA, batches come in pinned memory, so Lightning's move to the device (`non_blocking=True`)
     overlaps with the step.
     """
@@ -418,20 +449,9 @@ class ShardDataModule(L.LightningDataModule):
         cfg = self.cfg
         shard_set = open_shard_set(cfg.shard_root)
         select(shard_set.metadata, cfg.layer, cfg.tokens)  # bad layer/tokens fail here, not mid-fit
-        self.rank, self.world_size = _dist()
-        if cfg.batch_size % self.world_size:
-            raise ValueError(
-                f"data.batch_size={cfg.batch_size} is not divisible by the {self.world_size} ranks."
-            )
-        self.batch_size = cfg.batch_size // self.world_size
         self.train_examples, self.val_examples = split_examples(
             shard_set.metadata.n_examples, cfg.val_fraction
         )
-        if len(self.train_examples) < self.world_size:
-            raise ValueError(
-                f"{len(self.train_examples)} train examples cannot be split over "
-                f"{self.world_size} ranks; lower data.val_fraction."
-            )
         if cfg.scale_mean or cfg.scale_norm:
             moments = load_or_estimate_moments(
                 shard_set, cfg.layer, cfg.tokens, self.train_examples, cfg.n_stats_examples,
@@ -462,10 +482,13 @@ class ShardDataModule(L.LightningDataModule):
             raise RuntimeError("call ShardDataModule.setup() first.")
 
     def _common(self) -> dict:
+        """Loader arguments. The rank is looked up when a loader is first built, inside
+        `trainer.fit` (the process group does not exist before it)."""
         cfg = self.cfg
+        rank, world_size = _dist()
         return dict(
-            layer=cfg.layer, batch_size=self.batch_size, tokens=cfg.tokens, n_workers=cfg.n_workers,
-            rank=self.rank, world_size=self.world_size, skip_nonfinite=cfg.skip_nonfinite,
+            layer=cfg.layer, tokens=cfg.tokens, n_workers=cfg.n_workers, rank=rank,
+            world_size=world_size, skip_nonfinite=cfg.skip_nonfinite,
         )  # fmt: skip
 
     def train_dataloader(self) -> ShuffledLoader:
@@ -474,6 +497,7 @@ class ShardDataModule(L.LightningDataModule):
         if self._train_loader is None:
             self._train_loader = ShuffledLoader(
                 self.shard_set,
+                batch_size=self.cfg.batch_size,  # global: each rank serves its share
                 seed=self.cfg.seed,
                 examples=self.train_examples,
                 buffer_mb=self.cfg.buffer_mb,
@@ -499,9 +523,12 @@ class ShardDataModule(L.LightningDataModule):
             return []
         if self._val_loader is None:
             buffer_mb = min(self.cfg.buffer_mb, 256)
+            common = self._common()
+            batch_size = math.ceil(self.cfg.batch_size / common["world_size"])
             self._val_loader = OrderedLoader(
-                self.shard_set, examples=self.val_examples, buffer_mb=buffer_mb, **self._common()
-            )
+                self.shard_set, batch_size=batch_size, examples=self.val_examples,
+                buffer_mb=buffer_mb, **common,
+            )  # fmt: skip
         return self._val_loader
 
     def teardown(self, stage: str | None = None) -> None:

@@ -11,6 +11,7 @@ A run directory `<runs_root>/<run_id>/` holds `job.json`, `checkpoints/` (Lightn
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import os
@@ -68,18 +69,33 @@ class Progress(L.Callback):
 class SeekableLoader:
     """The train loader positioned from the module's step: epoch `step // len`, from the first
     batch of that epoch not yet trained on, so a resumed run sees exactly the batches an
-    uninterrupted one would, without reading the ones before (`ShuffledLoader.iter_from`)."""
+    uninterrupted one would, without reading the ones before (`ShuffledLoader.iter_from`).
+    The loader is built on first use, inside `trainer.fit`, once DDP's process group exists."""
 
-    def __init__(self, loader, module: L.LightningModule):
-        self.loader, self.module = loader, module
+    def __init__(self, dm: ShardDataModule, module: L.LightningModule):
+        self.dm, self.module = dm, module
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.dm.train_dataloader())
 
     def __iter__(self):
-        epoch, skip = divmod(self.module.global_step, len(self.loader))
-        self.loader.epoch = epoch
-        return self.loader.iter_from(skip)
+        loader = self.dm.train_dataloader()
+        epoch, skip = divmod(self.module.global_step, len(loader))
+        loader.epoch = epoch
+        return loader.iter_from(skip)
+
+
+class LazyLoader:
+    """A loader built on first use (see SeekableLoader)."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __len__(self) -> int:
+        return len(self.make())
+
+    def __iter__(self):
+        return iter(self.make())
 
 
 class MetricsLog:
@@ -229,23 +245,30 @@ def train(configs: list[TrainConfig]) -> pathlib.Path:
     n_steps = job.n_train // job.data.batch_size
     if n_steps < 1:
         raise ValueError(f"n_train={job.n_train} is less than one batch ({job.data.batch_size}).")
-    run_id = job.run_id or new_run_id()
-    run_dir = pathlib.Path(job.runs_root) / run_id
+    rank = global_rank()
+    run_dir = job_run_dir(job, rank)
+    run_id = run_dir.name
     ckpt_path = resolve_ckpt(job, run_dir)
-    if ckpt_path is None and (run_dir / "job.json").exists():
-        raise ValueError(
-            f"{run_dir} already holds a run; resume it with ckpt_path=last or pick a new run_id."
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
     configs = [dataclasses.replace(c, sae=m.sae) for c, m in zip(configs, members)]
-    shards.write_json_atomic(run_dir / "job.json", [dataclasses.asdict(c) for c in configs])
-    log = MetricsLog(run_dir, configs, run_id)
+    log = None
+    if rank == 0:  # other DDP ranks write nothing: one run directory, one W&B run per SAE
+        if ckpt_path is None and (run_dir / "job.json").exists():
+            raise ValueError(
+                f"{run_dir} already holds a run; resume it with ckpt_path=last or pick a new "
+                "run_id."
+            )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shards.write_json_atomic(run_dir / "job.json", [dataclasses.asdict(c) for c in configs])
+        log = MetricsLog(run_dir, configs, run_id)
     stats = dm.norm_stats
-    module = SAEModule(members, stats.mean_D, stats.scale, job.log_every, job.compile, log.log)
-    trainer = make_trainer(job, run_dir, n_steps, [RewindLog(log)])
-    val = dm.val_dataloader() or None
+    module = SAEModule(
+        members, stats.mean_D, stats.scale, job.log_every, job.compile, log and log.log
+    )
+    trainer = make_trainer(job, run_dir, n_steps, [RewindLog(log)] if log else [])
+    val = LazyLoader(dm.val_dataloader) if len(dm.val_examples) else None
     try:
-        trainer.fit(module, SeekableLoader(dm.train_dataloader(), module), val, ckpt_path=ckpt_path)
+        with ranks_started_here(run_dir):
+            trainer.fit(module, SeekableLoader(dm, module), val, ckpt_path=ckpt_path)
         if val is not None:
             trainer.validate(module, val, verbose=False)
     except NonFiniteLossError as err:
@@ -253,11 +276,58 @@ def train(configs: list[TrainConfig]) -> pathlib.Path:
         kept = f"last good checkpoint: {last}" if last.exists() else "no checkpoint was written yet"
         raise NonFiniteLossError(f"{err} ({kept})") from None
     finally:
-        log.close()
+        if log is not None:
+            log.close()
         dm.teardown()
     if trainer.is_global_zero:
         export(module, configs, run_dir, dm, run_id)
     return run_dir
+
+
+RUN_DIR_ENV = "SAEV_RUN_DIR"
+"""Set for the DDP ranks that Lightning starts by re-running the entry point: rank 0's run
+directory, so they join its run instead of making their own."""
+
+
+def global_rank() -> int:
+    """This process's DDP rank, from the variables launchers set (Lightning, torchrun, SLURM)."""
+    from lightning.fabric.utilities.rank_zero import _get_rank
+
+    return _get_rank() or 0
+
+
+def job_run_dir(job: TrainConfig, rank: int) -> pathlib.Path:
+    if rank > 0 and os.environ.get(RUN_DIR_ENV):
+        return pathlib.Path(os.environ[RUN_DIR_ENV])
+    if job.run_id is None and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        # One SLURM task per GPU: every task runs this, and all must agree without talking.
+        job = dataclasses.replace(job, run_id=f"slurm-{os.environ['SLURM_JOB_ID']}")
+    return pathlib.Path(job.runs_root) / (job.run_id or new_run_id())
+
+
+@contextlib.contextmanager
+def ranks_started_here(run_dir: pathlib.Path):
+    """While Lightning may start the other DDP ranks by re-running this program: tell them the
+    run directory, and have them re-run only this job. (Lightning re-runs `sys.argv`; inside a
+    multirun that would be the whole sweep, so it gets this job's own overrides instead.)"""
+    saved_env, saved_argv = os.environ.get(RUN_DIR_ENV), sys.argv[:]
+    os.environ[RUN_DIR_ENV] = str(run_dir.resolve())
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        multirun = "-m" in sys.argv or "--multirun" in sys.argv
+        if HydraConfig.initialized() and multirun:
+            sys.argv = [sys.argv[0], *HydraConfig.get().overrides.task]
+    except ImportError:
+        pass
+    try:
+        yield
+    finally:
+        sys.argv = saved_argv
+        if saved_env is None:
+            os.environ.pop(RUN_DIR_ENV, None)
+        else:
+            os.environ[RUN_DIR_ENV] = saved_env
 
 
 def resolve_ckpt(job: TrainConfig, run_dir: pathlib.Path) -> str | None:
@@ -327,7 +397,8 @@ def run_or_exit(fn) -> pathlib.Path:
         run_dir = fn()
     except (*user_errors, OmegaConfBaseException, HydraException) as err:
         _fail(err)
-    print(run_dir)
+    if global_rank() == 0:  # DDP ranks Lightning started run this too; one line, printed last
+        print(run_dir)
     return run_dir
 
 

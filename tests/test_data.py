@@ -187,18 +187,16 @@ def test_split_is_disjoint_by_example(tmp_path):
     dm.teardown("fit")
 
 
-def test_ddp_ranks_get_disjoint_streams_and_per_device_batch(tmp_path, monkeypatch):
+def test_loaders_take_the_rank_when_built_not_at_setup(tmp_path, monkeypatch):
+    """setup() runs before Lightning creates the process group; the loaders must ask later."""
     root, _ = make_shards(tmp_path, n_examples=30)
-    seen = []
-    for rank in range(2):
-        monkeypatch.setattr(data, "_dist", lambda rank=rank: (rank, 2))
-        dm = ShardDataModule(cfg_for(root, batch_size=16))
-        dm.setup("fit")
-        batches, _, ex, _ = collect(dm.train_dataloader())
-        assert len(batches[0]["act"]) == 8 and len(batches) == len(dm.train_dataloader())
-        seen.append(set(ex.tolist()))
-        dm.teardown("fit")
-    assert seen[0].isdisjoint(seen[1]) and len(seen[0]) == len(seen[1]) == 12
+    dm = ShardDataModule(cfg_for(root, batch_size=16))
+    dm.setup("fit")  # rank 0 of 1 here
+    monkeypatch.setattr(data, "_dist", lambda: (1, 2))  # as inside trainer.fit under DDP
+    train, val = dm.train_dataloader(), dm.val_dataloader()
+    assert (train.rank, train.world_size, train.batch_size) == (1, 2, 16)
+    assert (val.rank, val.world_size, val.batch_size) == (1, 2, 8)
+    dm.teardown("fit")
 
 
 def test_resumed_datamodule_continues_the_epoch_sequence(tmp_path):

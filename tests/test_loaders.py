@@ -1,5 +1,6 @@
 """ShuffledLoader / OrderedLoader: exactly-once epochs, file contents, dtypes, shuffling, NaN."""
 
+import math
 import mmap
 
 import numpy as np
@@ -170,20 +171,51 @@ def test_shuffle_quality_matches_the_documented_formula(tmp_path):
     assert runs[0] > 2.5 * whole[0]  # and so do shorter runs
 
 
-def test_ranks_are_disjoint_and_equal_length(tmp_path):
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_ranks_split_each_global_batch_of_the_one_process_run(tmp_path, world_size):
+    """Under DDP the ranks' batch b together holds exactly the one-process batch b (so the
+    averaged gradient is the one-process gradient), each rank reads a disjoint part of the
+    files, and every rank takes the same number of steps."""
     root, _ = make_shards(tmp_path, n_examples=23)
-    seen, lengths = [], []
-    for rank in range(3):
+    kw = dict(seed=4, n_workers=1, buffer_mb=0.002)
+    with ShuffledLoader(root, 3, 8, **kw) as loader:
+        whole = collect(loader)[0]
+    per_rank = []
+    for rank in range(world_size):
+        with ShuffledLoader(root, 3, 8, **kw, rank=rank, world_size=world_size) as loader:
+            batches = collect(loader)[0]
+            assert len(batches) == len(loader) == len(whole)
+            per_rank.append(batches)
+    key = lambda b: sorted(zip(b["example_idx"].tolist(), b["token_idx"].tolist()))
+    for i, want in enumerate(whole):
+        parts = [batches[i] for batches in per_rank]
+        assert sorted(sum((key(p) for p in parts), [])) == key(want), i
+        rows = lambda bs: {
+            (e, t): a.tolist()
+            for b in bs
+            for e, t, a in zip(b["example_idx"].tolist(), b["token_idx"].tolist(), b["act"])
+        }
+        assert rows(parts) == rows([want])
+    tokens = [{pair for b in batches for pair in key(b)} for batches in per_rank]
+    assert sum(len(t) for t in tokens) == len(set().union(*tokens)) == 23 * 5
+    assert all(len(b["act"]) > 0 for batches in per_rank for b in batches[:-1])
+
+
+def test_skip_nonfinite_keeps_ranks_in_step(tmp_path):
+    """Dropped rows leave their batch smaller on the rank that read them; no rank gets a batch
+    more or fewer (a DDP run would hang at the end)."""
+    root, _ = make_shards(tmp_path)
+    _poison(root, 0, 1, 3)
+    _poison(root, 0, 2, 3)
+    counts = []
+    for rank in range(2):
         with ShuffledLoader(
-            root, 3, 8, seed=4, n_workers=1, buffer_mb=0.002, rank=rank, world_size=3
-        ) as loader:
-            batches, _, ex, _ = collect(loader)
-            lengths.append((len(loader), len(batches)))
-            seen.append(set(ex.tolist()))
-    assert all(len(s) == 7 for s in seen) and not (
-        seen[0] & seen[1] or seen[1] & seen[2] or seen[0] & seen[2]
-    )
-    assert len(set(lengths)) == 1 and lengths[0][0] == lengths[0][1]
+            root, -1, 10, n_workers=1, buffer_mb=0.002, skip_nonfinite=True, rank=rank,
+            world_size=2,
+        ) as loader:  # fmt: skip
+            counts.append((len(collect(loader)[0]), loader.n_nonfinite))
+    assert counts[0][0] == counts[1][0] == math.ceil(23 * 5 / 10)
+    assert counts[0][1] + counts[1][1] == 2
 
 
 def _poison(root, file_i, example_in_file, token, value=np.nan):
