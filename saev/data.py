@@ -176,12 +176,15 @@ class _Loader:
         torch.index_select(ex_R, 0, r, out=out["example_idx"][dst])
         torch.index_select(tok_R, 0, r, out=out["token_idx"][dst])
 
-    def _batches(self, tasks, first_batch: int = 0):
+    def _batches(self, tasks, total_rows: int, first_batch: int = 0):
         """Batch b of the stream holds its stream positions [b * B, (b + 1) * B): this rank's
         rows there (all of them with one rank; about B / world_size each under DDP, so that the
         ranks' batch b together is the one-process batch b), less any non-finite rows dropped.
         Every rank yields every batch from `first_batch` on, possibly empty, so all ranks take
-        the same number of steps; fills that end before `first_batch` are not read."""
+        the same number of steps; fills that end before `first_batch` are not read. `total_rows`
+        is the stream's length (all ranks), so the last batch is known when it is cut: the epoch's
+        report of dropped rows comes before it (a trainer stops after `len` batches and never
+        resumes the generator)."""
         B, g0 = self.batch_size, 0
         tasks = iter(tasks)
         for task in tasks:  # skipped fills are never handed to a worker
@@ -206,6 +209,7 @@ class _Loader:
                     "set data.skip_nonfinite=true to drop such tokens."
                 )
             n_bad += bad
+            self.n_nonfinite += bad
             per_row = [*self.layout.rows(units), *([] if mask is None else [mask])]
             if dest_R is not None:  # the workers scattered the rows: follow them to the slot
                 per_row = [_scatter(x, dest_R) for x in per_row]
@@ -222,13 +226,16 @@ class _Loader:
                 take = int(hi - lo)
                 self._cut(out, slice(filled, filled + take), slot_t, ex_R, tok_R, rows, int(lo))
                 filled += take
-                if (b + 1) * B <= g0 + n_rows:  # batch b ends in this fill
+                ends_here = (b + 1) * B <= g0 + n_rows
+                if ends_here or g0 + n_rows == total_rows:  # batch b is complete
+                    if (b + 1) * B >= total_rows:
+                        self._report_dropped(n_bad)
                     yield {k: v[:filled] for k, v in out.items()}
                     out, filled, batch = self._new_batch(), 0, b + 1
             g0 += n_rows
-        if batch * B < g0:
-            yield {k: v[:filled] for k, v in out.items()}
-        self.n_nonfinite += n_bad
+
+    @staticmethod
+    def _report_dropped(n_bad: int) -> None:
         if n_bad:
             msg = "Dropped %d non-finite activations this epoch (data.skip_nonfinite=true)."
             logger.warning(msg, n_bad)
@@ -328,9 +335,8 @@ class ShuffledLoader(_Loader):
         epoch, self.epoch = self.epoch, self.epoch + 1
         order = np.random.default_rng([self.seed, epoch]).permutation(self.examples)
         rng = np.random.default_rng([self.seed, epoch, 0])
-        return self._batches(
-            self._tasks(rng.permutation(self.layout.units(order)), rng), first_batch
-        )
+        tasks = self._tasks(rng.permutation(self.layout.units(order)), rng)
+        return self._batches(tasks, len(self.examples) * self.sel.n_tokens, first_batch)
 
 
 class OrderedLoader(_Loader):
@@ -351,7 +357,8 @@ class OrderedLoader(_Loader):
         return math.ceil(len(self.mine) * self.sel.n_tokens / self.batch_size)
 
     def __iter__(self):
-        return self._batches(self._tasks(self.layout.units(self.mine), None))
+        tasks = self._tasks(self.layout.units(self.mine), None)
+        return self._batches(tasks, len(self.mine) * self.sel.n_tokens)
 
 
 # The train/val split must not move when data.seed changes (seed is an SAE-side sweep axis).

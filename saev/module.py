@@ -94,21 +94,39 @@ class SAEModule(L.LightningModule):
         whether each SAE has trained long enough for a latent to be dead (else AuxK is skipped)."""
         return [sae(x_BD, scales_N[i], dead_N[i]) for i, sae in enumerate(self.saes)]
 
+    def _global_sum(self, t: Tensor) -> Tensor:
+        """`t` summed over the DDP ranks (itself in one process)."""
+        if self.trainer.world_size == 1:
+            return t
+        return self.trainer.strategy.reduce(t, reduce_op="sum")
+
     def training_step(self, batch: dict, batch_idx: int) -> None:
         x_BD = batch["act"]
         step = self.global_step
         if step == 0:
+            # The global batch's mean, so that every DDP rank starts from the same b_dec.
+            n_sum_D = torch.cat([x_BD.new_tensor([len(x_BD)]), x_BD.sum(0)]).double()
+            n_sum_D = self._global_sum(n_sum_D)
+            mean_1D = (n_sum_D[1:] / n_sum_D[0].clamp_min(1)).float()[None]
             for sae in self.saes:
-                sae.init_b_dec_(x_BD)
+                sae.init_b_dec_(mean_1D)
         scales_N = torch.tensor(self.sparsity_scales(step), device=x_BD.device)
         # No latent can be dead before dead_after_tokens tokens: skip AuxK's top-k until then.
         dead_N = tuple(self.tokens_seen >= m.sae.dead_after_tokens for m in self.members)
         outs = self._forward(x_BD, scales_N, dead_N)
         losses_N = torch.stack([o.loss for o in outs])
-        self._check_finite(losses_N, step)
+        if len(x_BD) == 0:  # a DDP rank with no rows of this global batch contributes nothing
+            losses_N = torch.stack(
+                [sum(p.sum() for p in sae.parameters()) * 0 for sae in self.saes]
+            )
+        n_global = self._check_finite(losses_N, len(x_BD), step)
         opt, sched = self.optimizers(), self.lr_schedulers()
         opt.zero_grad(set_to_none=True)
-        self.manual_backward(losses_N.sum())
+        # Each loss is a mean over this rank's rows; DDP averages the ranks' gradients. Weighting
+        # by this rank's share of the global batch makes that average the gradient of the mean
+        # over the global batch, as in one process (shares differ slightly from batch to batch).
+        share = len(x_BD) * self.trainer.world_size / max(n_global, 1)
+        self.manual_backward(losses_N.sum() * share)
         for sae, m in zip(self.saes, self.members):
             sae.remove_parallel_grad_()
             if m.grad_clip > 0:
@@ -117,18 +135,23 @@ class SAEModule(L.LightningModule):
         sched.step()
         for sae in self.saes:
             sae.normalize_decoder_()
-        self.tokens_seen += len(x_BD)
+        self.tokens_seen += n_global
         if (step + 1) % self.log_every == 0 or step + 1 == self.trainer.max_steps:
             self._log_train(x_BD, outs, step + 1, opt)
 
-    def _check_finite(self, losses_N: Tensor, step: int) -> None:
-        # One host sync per step buys the guarantee that no non-finite update is ever applied.
-        finite_N = torch.isfinite(losses_N.detach()).cpu()
-        if not bool(finite_N.all()):
-            bad = [m.name for m, ok in zip(self.members, finite_N.tolist()) if not ok]
+    def _check_finite(self, losses_N: Tensor, n_rows: int, step: int) -> int:
+        """Stop before a non-finite loss is applied, on every DDP rank at once (a rank that
+        stopped alone would leave the others waiting); returns the global batch's rows. One
+        host sync per step buys the guarantee that no non-finite update is ever applied."""
+        bad_N = (~torch.isfinite(losses_N.detach())).double()
+        counts = self._global_sum(torch.cat([bad_N, bad_N.new_tensor([n_rows])])).cpu()
+        bad_N, n_global = counts[:-1], int(counts[-1])
+        if bool(bad_N.any()):
+            bad = [m.name for m, b in zip(self.members, bad_N.tolist()) if b]
             raise NonFiniteLossError(
                 f"non-finite loss for SAE {', '.join(bad)} at step {step}; not applied."
             )
+        return n_global
 
     @torch.no_grad()
     def _log_train(self, x_BD: Tensor, outs: list[Output], step: int, opt) -> None:

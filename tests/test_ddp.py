@@ -1,0 +1,85 @@
+"""DDP through `python train.py trainer.devices=2 trainer.strategy=ddp` on CPU (gloo), with real
+processes: the ranks split every global batch, so the run ends where one process ends; one run
+directory and one W&B run per SAE; `run_id=` and `ckpt_path=last` work."""
+
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import safetensors.torch
+from test_train import ENV, ROOT, common, shard_root  # noqa: F401 (fixture)
+
+SAES = "sweep={sae: [topk, relu]}"
+DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
+
+
+def train_cli(args: list[str], stderr: bool = False):
+    cmd = [sys.executable, "train.py", *args]
+    res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = res.stdout.strip().splitlines()
+    assert lines.count(lines[-1]) == 1  # the run directory, printed once, last
+    output = res.stdout + res.stderr
+    return (pathlib.Path(lines[-1]), output) if stderr else pathlib.Path(lines[-1])
+
+
+def max_relative_difference(a: pathlib.Path, b: pathlib.Path) -> float:
+    worst = 0.0
+    for name in ("00-topk", "01-relu"):
+        wa = safetensors.torch.load_file(a / name / "sae.safetensors")
+        wb = safetensors.torch.load_file(b / name / "sae.safetensors")
+        for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            diff = (wa[key] - wb[key]).norm() / wa[key].norm().clamp_min(1e-12)
+            worst = max(worst, float(diff))
+    return worst
+
+
+@pytest.fixture(scope="module")
+def one_process(shard_root, tmp_path_factory):  # noqa: F811
+    runs = tmp_path_factory.mktemp("one")
+    return train_cli(
+        common(shard_root, runs) + ["sae.exp_factor=2", "run_id=one", SAES, "wandb.enabled=false"]
+    )
+
+
+@pytest.mark.slow
+def test_ddp_run_ends_where_one_process_ends(shard_root, one_process, tmp_path):  # noqa: F811
+    run = train_cli(common(shard_root, tmp_path) + ["sae.exp_factor=2", SAES, *DDP])
+    assert [p.name for p in tmp_path.iterdir()] == [run.name]  # one run directory
+    assert sorted(p.name for p in run.iterdir() if p.is_dir()) == [
+        "00-topk", "01-relu", "checkpoints", "wandb",
+    ]  # fmt: skip
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 2  # one W&B run per SAE
+    assert max_relative_difference(one_process, run) < 1e-5
+
+
+@pytest.mark.slow
+def test_ddp_resume_with_run_id_and_ckpt_path_last(shard_root, one_process, tmp_path):  # noqa: F811
+    base = common(shard_root, tmp_path) + ["sae.exp_factor=2", SAES, *DDP, "wandb.enabled=false"]
+    base += ["run_id=cut", "ckpt_every=5"]
+    train_cli(base + ["n_train=3200"])  # stops at step 25 of 60, mid-epoch
+    resumed = train_cli(base + ["ckpt_path=last"])
+    assert resumed == tmp_path / "cut"
+    assert max_relative_difference(one_process, resumed) < 1e-5
+    logged = (resumed / "00-topk" / "metrics.csv").read_text().splitlines()
+    assert len(logged) == len(set(logged))
+
+
+@pytest.mark.slow
+def test_ddp_with_dropped_nonfinite_rows_finishes(shard_root, tmp_path):  # noqa: F811
+    """Ranks that drop different numbers of NaN rows still take the same number of steps (a
+    rank with fewer batches would leave the other waiting forever at the end)."""
+    poisoned = tmp_path / "shards"
+    shutil.copytree(shard_root, poisoned)
+    (poisoned / "norm-stats").exists() and shutil.rmtree(poisoned / "norm-stats")
+    first = poisoned / "acts000000.bin"
+    acts_NTD = np.fromfile(first, dtype=np.float32).reshape(-1, 16, 16)
+    acts_NTD[:20, 3:8, 0] = np.nan  # 5 tokens of each of the first 20 examples
+    acts_NTD.tofile(first)
+    args = common(poisoned, tmp_path / "runs") + ["sae=topk", "sae.exp_factor=2", *DDP]
+    run, output = train_cli(args + ["data.skip_nonfinite=true", "wandb.enabled=false"], True)
+    assert (run / "00-topk" / "sae.safetensors").exists()
+    assert "non-finite activations" in output
