@@ -175,20 +175,21 @@ class Images:
         path = sh.root / shards.EXAMPLES_NAME
         if not path.is_file():
             raise FileNotFoundError(f"{path} does not exist, so no image can be found.")
-        self.records = [json.loads(line) for line in path.read_text().splitlines()]
+        # Raw lines, parsed on demand: a million-image dataset's records would be ~1 GB of dicts.
+        self.lines = path.read_bytes().splitlines()
         self.data = sh.md.get("data") if isinstance(sh.md.get("data"), dict) else {}
         self.root = pathlib.Path(root_override or self.data.get("root") or ".")
         self.steps = sh.md.get("transform") or crops.fallback_steps(sh.md.get("model", {}))
         self.n_missing = 0
 
     def record(self, e: int) -> dict:
-        return self.records[e]
+        return json.loads(self.lines[e])
 
     def crop(self, e: int):
         """The crop (PIL RGB) of example `e`, or None if its file is missing and skipped."""
         from saev import images
 
-        rec = self.records[e]
+        rec = self.record(e)
         if "path" in rec:
             path = self.root / rec["path"]
             if not path.is_file():

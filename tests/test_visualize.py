@@ -238,8 +238,16 @@ def test_filters_rerender_from_cache_without_activations(shard_root, ckpt, rende
     finally:
         for p in acts:
             p.with_name("moved-" + p.name).rename(p)
-    # force=true does read them again (and so works only with them in place).
-    last_line(run("visualize.py", f"ckpt={ckpt}", f"dump_to={out}", "top_k=6", "force=true"))
+    # force=true recomputes the pass (reading the activations again); render=false stops there.
+    before = (out / "cache" / "pass.npz").stat().st_mtime_ns
+    evaluated = last_line(run("visualize.py", *base, "force=true", "render=false"))
+    assert evaluated == out and (out / "cache" / "pass.npz").stat().st_mtime_ns > before
+    assert not (out / "cache" / "heat").exists()  # heatmaps of the old pass are dropped
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics == json.loads((rendered / "metrics.json").read_text())
+    fresh = tmp_path / "eval"
+    last_line(run("visualize.py", f"ckpt={ckpt}", f"dump_to={fresh}", "render=false"))
+    assert sorted(p.name for p in fresh.iterdir()) == ["cache", "latents.csv", "metrics.json"]
 
 
 @pytest.mark.slow
