@@ -170,6 +170,7 @@ def plot(out: pathlib.Path, points: list[Point], keys: list[str]) -> None:
     ax.set_title(f"{len(points)} SAEs ({'/'.join(splits)} metrics)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    ax.margins(x=0.2, y=0.1)  # room for the labels of the outermost points
     fig.tight_layout()
     fig.savefig(out / "pareto.png")
     fig.savefig(out / "pareto.svg")

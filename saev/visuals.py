@@ -250,7 +250,10 @@ def main(cfg: VisualizeConfig) -> pathlib.Path:
 
     src = Source.resolve(cfg)
     dump_to = pathlib.Path(cfg.dump_to) if cfg.dump_to else src.ckpt / "visuals"
-    dump_to.mkdir(parents=True, exist_ok=True)
+    try:
+        dump_to.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create dump_to={dump_to} ({err.strerror}).") from None
     device = device_of(cfg.device)
     sae = nn.load(src.ckpt, device)
     key = src.key(cfg.top_k)
