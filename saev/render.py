@@ -207,7 +207,10 @@ class Images:
                 rec["index"]
             )
         else:
-            raise ValueError(f"example {e} of {self.sh.root} ({rec}) names no image to show.")
+            raise ValueError(
+                f"example {e} of {self.sh.root} ({rec}) names no image to show; render=false "
+                "computes statistics and metrics without images."
+            )
         return crops.reproduce(img, self.steps)
 
 
@@ -230,11 +233,43 @@ def overlay(crop_HW3: np.ndarray, heat_P: np.ndarray, vmax: float, cmap, opacity
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def render(cfg: VisualizeConfig, src, summary, sae, device, dump_to: pathlib.Path, force=False):
+def write_crops(imgs: Images, examples: set[int], out: pathlib.Path) -> dict[int, pathlib.Path]:
+    """{example: its crop file} for every example whose image exists; each written only once,
+    then referenced by every latent that shows it."""
+    out.mkdir(exist_ok=True)
+    found = {}
+    for e in sorted(examples):
+        path = out / f"{e}.png"
+        if not path.is_file():
+            crop = imgs.crop(e)
+            if crop is None:  # missing, and skip_missing_images=true
+                continue
+            crop.save(path)
+        found[e] = path
+    return found
+
+
+def draw_heatmaps(latent: int, shown: list[Shown], heat: dict, crop_files, cfg, cmap, dump_to):
+    """One heatmap file per image of `latent`, on a scale shared by all its images; returns
+    their paths relative to dump_to."""
+    from PIL import Image
+
+    vmax = max(float(heat[x.example].max()) for x in shown) or 1.0
+    rels = []
+    for x in shown:
+        crop_HW3 = np.asarray(Image.open(crop_files[x.example]).convert("RGB"))
+        arr = overlay(crop_HW3, heat[x.example], vmax, cmap, cfg.heatmap.opacity)
+        rel = f"heatmaps/{latent}/{x.example}.png"
+        (dump_to / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(dump_to / rel)
+        rels.append(rel)
+    return rels
+
+
+def render(cfg: VisualizeConfig, src, summary, sae, device, dump_to: pathlib.Path) -> None:
     """Draw the chosen latents and write the browser; reads activations only for heatmaps of
     (latent, image) pairs not drawn before."""
     import matplotlib
-    from PIL import Image
 
     from saev import browser
 
@@ -245,38 +280,26 @@ def render(cfg: VisualizeConfig, src, summary, sae, device, dump_to: pathlib.Pat
         raise ValueError(f"heatmap.colormap={name!r} is not a matplotlib colormap.") from None
     sh = Shards(src.shard_root, src.layer)
     chosen = choose(summary, cfg)
-    tops = {s: top_images(summary, s, cfg.n_images) for s in chosen}
     imgs = Images(sh, cfg.images.root, cfg.skip_missing_images)
-    (dump_to / "images").mkdir(exist_ok=True)
-    crops_ok = {}
-    for e in sorted({x.example for shown in tops.values() for x in shown}):
-        path = dump_to / "images" / f"{e}.png"
-        if not path.is_file():  # written once, then referenced by every latent that shows it
-            crop = imgs.crop(e)
-            if crop is None:
-                continue
-            crop.save(path)
-        crops_ok[e] = path
-    tops = {s: [x for x in shown if x.example in crops_ok] for s, shown in tops.items()}
+    tops = {s: top_images(summary, s, cfg.n_images) for s in chosen}
+    crop_files = write_crops(
+        imgs, {x.example for t in tops.values() for x in t}, dump_to / "images"
+    )
+    tops = {s: [x for x in shown if x.example in crop_files] for s, shown in tops.items()}
     heat = {}
     if src.tokens != "cls":  # CLS latents have no per-patch map: plain images
         wanted = {s: [x.example for x in shown] for s, shown in tops.items() if shown}
         heat = sh.heatmaps(wanted, sae, device, dump_to / "cache" / "heat")
-    shutil.rmtree(dump_to / "heatmaps", ignore_errors=True)
+    shutil.rmtree(dump_to / "heatmaps", ignore_errors=True)  # they depend on colormap, opacity
     views = []
     for s in chosen:
-        vmax = max((float(heat[s][x.example].max()) for x in tops[s]), default=0.0) if heat else 0
-        shown = []
-        for x in tops[s]:
-            heat_rel = None
-            if heat:
-                crop_HW3 = np.asarray(Image.open(crops_ok[x.example]).convert("RGB"))
-                arr = overlay(crop_HW3, heat[s][x.example], vmax or 1.0, cmap, cfg.heatmap.opacity)
-                heat_rel = f"heatmaps/{s}/{x.example}.png"
-                (dump_to / heat_rel).parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(arr).save(dump_to / heat_rel)
-            rec = imgs.record(x.example)
-            shown.append(browser.ImageView(x.example, x.token, x.value, rec, heat_rel))
+        rels = [None] * len(tops[s])
+        if s in heat:
+            rels = draw_heatmaps(s, tops[s], heat[s], crop_files, cfg, cmap, dump_to)
+        shown = [
+            browser.ImageView(x.example, x.token, x.value, imgs.record(x.example), rel)
+            for x, rel in zip(tops[s], rels)
+        ]
         views.append(
             browser.LatentView(
                 s, float(summary.freq_S[s]), float(summary.mean_S[s]), float(summary.max_S[s]),

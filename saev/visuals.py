@@ -41,7 +41,8 @@ class LatentSummary:
     n_tokens: int
     """Tokens seen."""
     count_S: np.ndarray
-    """Tokens on which each latent fired (activation > 0)."""
+    """Tokens on which each latent fired (activation != 0, as SAEMetrics counts; activations
+    of every SAE kind are non-negative, so this is activation > 0)."""
     sum_S: np.ndarray
     """Sum of each latent's activations."""
     max_S: np.ndarray
@@ -71,43 +72,43 @@ def summarize(sae, batches, top_k: int, device) -> tuple[LatentSummary, dict[str
 
     S = sae.cfg.d_sae
     metric = SAEMetrics(sae.cfg.d_model, S).to(device)
-    count_S = torch.zeros(S, dtype=torch.float64, device=device)
     sum_S = torch.zeros(S, dtype=torch.float64, device=device)
     max_S = torch.zeros(S, device=device)
-    top_KS = torch.full((top_k, S), -torch.inf, device=device)
-    where_KS2 = torch.full((top_k, S, 2), -1, dtype=torch.int64, device=device)
+    top_SK = torch.full((S, top_k), -torch.inf, device=device)
+    where_SK2 = torch.full((S, top_k, 2), -1, dtype=torch.int64, device=device)
     n_tokens = 0
     for batch in batches:
         x_BD = batch["act"].to(device, non_blocking=True)
         f_BS = sae.encode(x_BD).float()
-        metric.update(x_BD, sae.decode(f_BS), f_BS)
+        metric.update(x_BD, sae.decode(f_BS), f_BS)  # also counts each latent's firings
         n_tokens += len(f_BS)
-        count_S += (f_BS > 0).sum(0)
-        sum_S += f_BS.sum(0, dtype=torch.float64)
-        max_S = torch.maximum(max_S, f_BS.max(0).values)
-        # Top-k of the batch first, so the merge is [2K, S], never [B + K, S].
-        vals_kS, rows_kS = f_BS.topk(min(top_k, len(f_BS)), dim=0)
+        # A float32 sum per batch (a float64 reduction over [B, S] is ~10x slower on CPU).
+        sum_S += f_BS.sum(0)
+        # Latents as contiguous rows: top-k along rows is ~2.5x faster on CPU than down columns.
+        # Top-k of the batch first, so the merge is [S, 2K], never [S, B + K].
+        vals_Sk, rows_Sk = f_BS.T.contiguous().topk(min(top_k, len(f_BS)), dim=1)
+        max_S = torch.maximum(max_S, vals_Sk[:, 0])
         ex_B = batch["example_idx"].to(device, non_blocking=True)
         tok_B = batch["token_idx"].to(device, non_blocking=True)
-        where_kS2 = torch.stack([ex_B[rows_kS], tok_B[rows_kS]], dim=-1)
-        top_KS, pick_KS = torch.cat([top_KS, vals_kS]).topk(top_k, dim=0)
-        where_MS2 = torch.cat([where_KS2, where_kS2])
-        where_KS2 = torch.gather(where_MS2, 0, pick_KS[..., None].expand(-1, -1, 2))
+        where_Sk2 = torch.stack([ex_B[rows_Sk], tok_B[rows_Sk]], dim=-1)
+        top_SK, pick_SK = torch.cat([top_SK, vals_Sk], dim=1).topk(top_k, dim=1)
+        where_SM2 = torch.cat([where_SK2, where_Sk2], dim=1)
+        where_SK2 = torch.gather(where_SM2, 1, pick_SK[..., None].expand(-1, -1, 2))
     # A slot holding a token on which the latent did not fire (or none) is empty: it must not
     # point at an example, or the browser would show images that do not activate the latent.
-    empty_KS = ~(top_KS > 0)
-    top_KS[empty_KS] = 0.0
-    where_KS2[empty_KS] = -1
+    empty_SK = ~(top_SK > 0)
+    top_SK[empty_SK] = 0.0
+    where_SK2[empty_SK] = -1
     values = metric.compute()
     metrics = {k: float(v) for k, v in values.items() if k != "freqs"}
     summary = LatentSummary(
         n_tokens,
-        count_S.cpu().numpy(),
+        metric.fired.cpu().numpy(),
         sum_S.cpu().numpy(),
         max_S.cpu().numpy(),
-        top_KS.T.contiguous().cpu().numpy(),
-        where_KS2[..., 0].T.contiguous().cpu().numpy(),
-        where_KS2[..., 1].T.contiguous().cpu().numpy(),
+        top_SK.cpu().numpy(),
+        where_SK2[..., 0].contiguous().cpu().numpy(),
+        where_SK2[..., 1].contiguous().cpu().numpy(),
     )
     return summary, metrics
 
@@ -266,5 +267,5 @@ def main(cfg: VisualizeConfig) -> pathlib.Path:
     if cfg.render:
         from saev import render
 
-        render.render(cfg, src, summary, sae, device, dump_to, force=cfg.force)
+        render.render(cfg, src, summary, sae, device, dump_to)
     return dump_to

@@ -460,3 +460,23 @@ def test_bad_ckpt_and_bad_settings_are_one_line(tmp_path, ckpt):
     assert "ckpt=" in err
     err = one_line_error(run("visualize.py", f"sweep={tmp_path}"))
     assert "no SAE" in err
+
+
+@pytest.mark.gpu
+def test_pass_on_cuda_equals_cpu():
+    from saev import visuals
+
+    torch.manual_seed(0)
+    sae = crafted_sae(torch.randn(500, D), d_sae=48)
+    batches = [
+        {"act": torch.randn(100, D), "example_idx": torch.arange(100) // 10 + 10 * i,
+         "token_idx": torch.arange(100) % 10}
+        for i in range(5)
+    ]  # fmt: skip
+    cpu, cpu_metrics = visuals.summarize(sae, batches, 8, torch.device("cpu"))
+    gpu, gpu_metrics = visuals.summarize(sae.cuda(), batches, 8, torch.device("cuda"))
+    for field in ("count_S", "example_idx_SK", "token_idx_SK"):
+        np.testing.assert_array_equal(getattr(gpu, field), getattr(cpu, field))
+    np.testing.assert_allclose(gpu.values_SK, cpu.values_SK, rtol=1e-4, atol=1e-5)
+    for k, v in cpu_metrics.items():
+        assert gpu_metrics[k] == pytest.approx(v, rel=1e-4, abs=1e-6)
