@@ -480,3 +480,37 @@ def test_pass_on_cuda_equals_cpu():
     np.testing.assert_allclose(gpu.values_SK, cpu.values_SK, rtol=1e-4, atol=1e-5)
     for k, v in cpu_metrics.items():
         assert gpu_metrics[k] == pytest.approx(v, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_trained_sweep_visualize_and_pareto(shard_root, tmp_path):
+    """Real train.py output: visualize finds shards, layer and tokens in config.json, writes to
+    <ckpt>/visuals, and the sweep plot links that SAE's browser."""
+    runs = tmp_path / "runs"
+    args = [
+        f"data.shard_root={shard_root}", "data.layer=-1", "data.batch_size=64",
+        "data.val_fraction=0.125", "data.buffer_mb=4", "data.n_workers=0", "n_train=320",
+        f"runs_root={runs}", "sae=topk", "sae.exp_factor=2", "lr_warmup_steps=1", "log_every=1",
+        "wandb.enabled=false", "sweep={sae.k: [4, 16]}",
+    ]  # fmt: skip
+    run_dir = last_line(run("train.py", *args))
+    saes = sorted(p.parent for p in run_dir.glob("*/sae.safetensors"))
+    assert len(saes) == 2
+    # Swept SAE names hold '=' (00-topk-k=4): Hydra needs the value quoted.
+    out = last_line(run("visualize.py", f"ckpt='{saes[0]}'", "top_k=8", "n_latents=5"))
+    assert out == saes[0] / "visuals"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["shard_root"], metrics["layer"], metrics["tokens"]) == (
+        str(shard_root), -1, "patches",
+    )  # fmt: skip
+    assert metrics["n_tokens"] == N_IMAGES * (N_TOKENS - 1) and len(table_ids(out)) == 5
+    assert last_line(run("visualize.py", f"sweep={runs}")) == runs
+    with open(runs / "pareto.csv") as fd:
+        rows = {r["name"]: r for r in csv.DictReader(fd)}
+    names = [str(p.relative_to(runs)) for p in saes]
+    assert sorted(rows) == names and [rows[n]["sae.k"] for n in names] == ["4", "16"]
+    assert rows[names[0]]["browser"] == f"{names[0]}/visuals/index.html"
+    assert rows[names[1]]["browser"] == "" and {r["split"] for r in rows.values()} == {"val"}
+    for n in names:
+        logged = json.loads((runs / n / "metrics.json").read_text())["val"]
+        assert float(rows[n]["l0"]) == pytest.approx(logged["l0"], rel=1e-5)
