@@ -66,8 +66,8 @@ class ImageView:
     """One image shown for a latent."""
 
     example: int
-    token: int
-    """Its best token for the latent (position in the stored example)."""
+    token: str
+    """Its best token for the latent: "CLS" or "patch <i>" (row-major, as the ViT orders them)."""
     value: float
     """The latent's activation on that token."""
     record: dict
@@ -126,7 +126,7 @@ def latent_page(view: LatentView, prev_id: int | None, next_id: int | None) -> s
             pics += f'<img class="heatmap" src="../{im.heatmap}" alt="heatmap">'
         parts.append(
             f'<figure data-example="{im.example}"><div class="pair">{pics}</div>'
-            f"<figcaption>{im.value:.4g} at token {im.token} · example {im.example}<br>"
+            f"<figcaption>{im.value:.4g} at {im.token} · example {im.example}<br>"
             f"{_describe(im.record)}</figcaption></figure>"
         )
     return _page(f"latent {view.latent}", "\n".join(parts))

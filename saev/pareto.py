@@ -102,7 +102,9 @@ def from_wandb(runs, browsers: dict[str, pathlib.Path] | None = None) -> list[Po
     returns): training logs `<split>/<metric>` and the TrainConfig as the run's config."""
     points = []
     for run in runs:
-        summary, config = dict(run.summary), dict(run.config)
+        # W&B adds its own bookkeeping ("_wandb", ...) to the config; it is no setting of ours.
+        config = {k: v for k, v in dict(run.config).items() if not k.startswith("_")}
+        summary = dict(run.summary)
         for split in ("val", "train"):
             if f"{split}/l0" in summary and f"{split}/nmse" in summary:
                 break

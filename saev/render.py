@@ -100,6 +100,10 @@ class Shards:
         if labels.is_file():
             self.labels_NP = np.memmap(labels, dtype=np.uint8, mode="r").reshape(-1, self.n_patches)
 
+    def token_name(self, token: int) -> str:
+        """A stored token position as a reader knows it: CLS, or the patch's row-major index."""
+        return "CLS" if self.cls and token == 0 else f"patch {token - int(self.cls)}"
+
     def patch_labels(self, summary, latent: int) -> list[tuple[int, int]]:
         """(label, count) of the latent's top tokens that are patches, most frequent first."""
         if self.labels_NP is None:
@@ -297,7 +301,9 @@ def render(cfg: VisualizeConfig, src, summary, sae, device, dump_to: pathlib.Pat
         if s in heat:
             rels = draw_heatmaps(s, tops[s], heat[s], crop_files, cfg, cmap, dump_to)
         shown = [
-            browser.ImageView(x.example, x.token, x.value, imgs.record(x.example), rel)
+            browser.ImageView(
+                x.example, sh.token_name(x.token), x.value, imgs.record(x.example), rel
+            )
             for x, rel in zip(tops[s], rels)
         ]
         views.append(

@@ -393,7 +393,8 @@ def test_wandb_runs_map_to_points(tmp_path, monkeypatch):
 
     runs = [
         stub("r/a", {"val/l0": 4, "val/nmse": 0.5, "train/l0": 1, "train/nmse": 9},
-             {"lr": 1e-3, "sae": {"activation": "relu", "matryoshka": [0.5]}, "name": "a"}),
+             {"lr": 1e-3, "sae": {"activation": "relu", "matryoshka": [0.5]}, "name": "a",
+              "_wandb": {"runtime": 3}}),
         stub("r/b", {"train/l0": 8, "train/nmse": 0.6},
              {"lr": 3e-4, "sae": {"activation": "topk", "matryoshka": []}, "name": "b"}),
         stub("r/c", {"loss": 1.0}, {"lr": 1e-4}),  # never logged metrics: left out
@@ -418,6 +419,7 @@ def test_wandb_runs_map_to_points(tmp_path, monkeypatch):
         "False",
     )  # b: more of both
     assert rows["r/a"]["lr"] == "0.001" and rows["r/a"]["sae.activation"] == "relu"
+    assert not any(k.startswith("_wandb") for k in rows["r/a"])
 
 
 def test_crop_steps_are_the_models_transform():
