@@ -97,7 +97,7 @@ class Shards:
         )
         labels = root / shards.PATCH_LABELS_NAME
         self.labels_NP = None
-        if labels.is_file():
+        if labels.is_file() and labels.stat().st_size > 0:  # numpy cannot map an empty file
             self.labels_NP = np.memmap(labels, dtype=np.uint8, mode="r").reshape(-1, self.n_patches)
 
     def token_name(self, token: int) -> str:
