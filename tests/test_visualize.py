@@ -309,6 +309,15 @@ def test_image_folder_moved_and_missing_images(tmp_path):
     # The error names the first image it looked for, where metadata.json said it would be.
     assert f"image {photos / records[shown[0]]['path']} (example {shown[0]})" in err
     assert "images.root=" in err
+    # Non-square photos (40x48): resized on the short side and center-cropped as the model did.
+    from saev import vit
+    from saev.record_config import ModelConfig
+
+    transform = vit.load(ModelConfig()).transform
+    seen = transform(Image.open(moved / records[shown[0]]["path"]).convert("RGB"))
+    seen_HW3 = ((seen * 0.5 + 0.5) * 255).permute(1, 2, 0).numpy()
+    crop_HW3 = np.asarray(Image.open(out / "images" / f"{shown[0]}.png"), dtype=np.float32)
+    np.testing.assert_allclose(crop_HW3, seen_HW3, atol=0.51)
     shutil.rmtree(out / "images")
     victim = shown[1]
     (moved / records[victim]["path"]).unlink()
