@@ -1,16 +1,18 @@
-"""Per-latent statistics and top-activating tokens of a trained SAE (see conf/visualize.yaml).
+"""Inspect a trained SAE, or compare a sweep of them (see conf/visualize.yaml).
 
-    python visualize.py ckpt=runs/<id>/<sae> data.shard_root=... data.layer=23
+    python visualize.py ckpt=runs/<id>/<sae> [data.shard_root=... data.layer=23] [dump_to=<dir>]
+    python visualize.py sweep=runs/multirun/<date>      # L0 vs normalized MSE of every SAE
 
-The last line printed is the output directory (`latents.csv`, `top.npz`).
+The last line printed is the output directory (`index.html`, `metrics.json`; or `pareto.png`).
 """
 
 import hydra
 from omegaconf import OmegaConf
 
 from saev import training, visuals
+from saev.visualize_config import register
 
-visuals.register()
+register()
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="visualize")

@@ -23,7 +23,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from saev import images, shards
+from saev import crops, images, shards
 from saev.record_config import RecordConfig
 
 
@@ -96,6 +96,7 @@ def shard_metadata(
         n_examples=len(dataset),
         examples_per_shard=cfg.max_patches_per_shard // n_vectors,
         data=dataset.describe(),
+        transform=crops.describe(vit.transform),
     )
 
 

@@ -24,6 +24,8 @@ EXAMPLES_NAME = "examples.jsonl"
 PATCH_LABELS_NAME = "labels.bin"
 """Optional per-patch labels (ade20k): uint8 `[n_examples, n_patches_per_example]`, C order."""
 LOCK_NAME = ".lock"
+OPTIONAL_METADATA = {"transform"}
+"""Metadata fields added after version 1 was first written; readers must not require them."""
 
 # numpy has no bfloat16; bfloat16 shards are stored as their raw 16-bit patterns (the upper half
 # of a float32) and read back as uint16 views that `to_float32` widens.
@@ -57,6 +59,10 @@ class Metadata:
     examples_per_shard: int
     data: dict
     """JSON description of the image dataset (name, root, split, ...). Never a pickle."""
+    transform: list | None = None
+    """The pixel-moving steps of the model's eval transform (`saev.crops.describe`), so visualize
+    shows each image as the model saw it. Optional and outside the content hash: None (and no key
+    in metadata.json) in shards recorded before it was stored, or by writers without images."""
 
     def __post_init__(self):
         if self.dtype not in DTYPE_ITEMSIZE:
@@ -92,6 +98,8 @@ class Metadata:
         d = dataclasses.asdict(self)
         d["layers"] = list(self.layers)
         d["n_tokens_per_example"] = self.n_tokens_per_example
+        if d["transform"] is None:  # metadata.json stays byte-identical to older writers'
+            del d["transform"]
         return {"format": FORMAT, "version": VERSION, **d}
 
     @classmethod
@@ -103,10 +111,10 @@ class Metadata:
                 "(and the public saev's protocol 2.1)."
             )
         names = {f.name for f in dataclasses.fields(cls)}
-        missing = names - d.keys()
+        missing = names - d.keys() - OPTIONAL_METADATA
         if missing:
             raise ShardError(f"metadata.json lacks {sorted(missing)}; re-record the shards.")
-        return cls(**{k: d[k] for k in names})
+        return cls(**{k: d[k] for k in names if k in d})
 
     def layer_index(self, layer: int) -> int:
         """Position of `layer` (as recorded) along the layers axis of the `.bin` files."""
@@ -296,6 +304,8 @@ class ShardWriter:
         if md_path.exists():
             existing = read_json(md_path)
             ours = self.metadata.to_json()
+            for key in OPTIONAL_METADATA - existing.keys():  # resumed from an older recording
+                ours.pop(key, None)
             finished_short = existing.get("n_examples") == self.n_done < ours["n_examples"]
             if finished_short:  # a finished run that skipped unreadable images
                 ours["n_examples"] = self.n_done
