@@ -150,14 +150,15 @@ def grid_overrides(grid) -> list[str]:
 def combinations(
     base: dict[str, list[str]], grids: list[dict[str, list[str]]] | None
 ) -> list[dict[str, str]]:
-    """The product of `base`, or the union over grids of base x grid; repeats are dropped."""
+    """The product of `base`, or the union over grids of base x grid; repeats are dropped. A
+    grid's value replaces a single value set outside the grids (a default for all grids)."""
     products = [base] if grids is None else []
     for i, grid in enumerate(grids or []):
-        clash = sorted(bare(k) for k in grid if k in base)
+        clash = sorted(bare(k) for k in grid if len(base.get(k, ())) > 1)
         if clash:
             raise SweepError(
-                f"{clash[0]} is set both in hydra.sweeper.grids[{i}] and outside the grids; "
-                "set it in one place."
+                f"{clash[0]} is swept outside the grids and set in hydra.sweeper.grids[{i}]; "
+                "sweep it in one place."
             )
         products.append({**base, **grid})
     seen, out = set(), []
@@ -230,7 +231,8 @@ def split(members: list[int], cap: int | None) -> list[list[int]]:
     """`members` in contiguous chunks of at most `cap`, as even as possible (10, cap 4: 4, 3, 3)."""
     n = len(members)
     k = 1 if cap is None else -(-n // cap)
-    return [members[j * n // k : (j + 1) * n // k] for j in range(k)]
+    bounds = [-(-j * n // k) for j in range(k + 1)]  # ceil: the larger chunks come first
+    return [members[a:b] for a, b in zip(bounds, bounds[1:])]
 
 
 def swept_keys(combos: list[dict[str, str]]) -> list[str]:
@@ -289,6 +291,9 @@ def checked(compose, combo: dict[str, str], base: dict[str, list[str]]) -> Train
 def explain(err: BaseException, base: dict[str, list[str]], compose) -> str:
     """One line for a combination that does not compose; a per-kind key swept beside kinds
     that lack it gets the union-of-grids syntax that expresses it."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
     msg = one_line(err)
     m = re.search(r"sae\.(\w+) applies only to \[([^\]]*)\], not '(\w+)'", msg)
     key = f"sae.{m[1]}" if m else None
@@ -297,11 +302,12 @@ def explain(err: BaseException, base: dict[str, list[str]], compose) -> str:
         return msg
     have = re.findall(r"'(\w+)'", m[2])
     values = ",".join(value_of(v) for v in base[key])
+    others = [v[0] for k, v in base.items() if k not in ("sae", key)]
     grids = []
     for kind in kinds:
         try:
-            uses = compose([f"sae={kind}"]).sae.activation in have
-        except Exception:
+            uses = compose([*others, f"sae={kind}"]).sae.activation in have
+        except (ValueError, HydraException, OmegaConfBaseException):
             uses = False
         grids.append(f'{{sae: {kind}, {key}: "{values}"}}' if uses else f"{{sae: {kind}}}")
     return (
@@ -312,12 +318,16 @@ def explain(err: BaseException, base: dict[str, list[str]], compose) -> str:
 
 
 def one_line(err: BaseException) -> str:
-    """The informative first lines of an error (Hydra's span several), joined into one."""
+    """The informative first lines of an error and of its direct cause (Hydra wraps OmegaConf's
+    error, which says what is wrong), joined into one."""
     lines, hints = [], []
-    for line in str(err).splitlines():
-        if not line.strip() or line.startswith((" ", "\t")) or line.startswith("Set the env"):
-            break
-        (hints if line.startswith("To append") else lines).append(line.strip().rstrip("."))
+    for e in (err, err.__cause__) if err.__cause__ is not None else (err,):
+        for line in str(e).splitlines():
+            if not line.strip() or line.startswith((" ", "\t", "Set the env")):
+                break
+            line = line.strip().rstrip(".")
+            if line not in lines and line not in hints:
+                (hints if line.startswith("To append") else lines).append(line)
     text = ": ".join(lines) + (f" ({hints[0][0].lower()}{hints[0][1:]})" if hints else "")
     return text or type(err).__name__
 
@@ -369,6 +379,7 @@ def run_job(cfg) -> pathlib.Path:
         configs = [for_sweep(c, run_dir, sweep_dir) for c in training.expand(cfg)]
         if [c.name for c in configs] != [s.name for s in job.saes]:
             raise RuntimeError(f"{run_dir} does not match the plan in {sweep_dir / PLAN_NAME}.")
+        print(f"{run_dir.name}: {len(configs)} SAEs in {run_dir}", file=sys.stderr, flush=True)
         ckpt_path = resume(run_dir)
         configs = [dataclasses.replace(c, ckpt_path=ckpt_path) for c in configs]
         training.train(configs)
