@@ -19,9 +19,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import os
 import pathlib
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 from saev import shards, summary, training
@@ -375,6 +378,7 @@ def run_job(cfg) -> pathlib.Path:
     p = load_plan(sweep_dir)
     job = p.jobs[hc.job.num]
     columns = summary.columns(p.swept)
+    terminated = SigtermWatch()
     try:
         configs = [for_sweep(c, run_dir, sweep_dir) for c in training.expand(cfg)]
         if [c.name for c in configs] != [s.name for s in job.saes]:
@@ -385,11 +389,43 @@ def run_job(cfg) -> pathlib.Path:
         training.train(configs)
         summary.update(sweep_dir, columns, summary.rows(job, run_dir, "done"))
     except Exception as err:
+        if terminated.is_set():
+            # SLURM is requeueing, preempting or cancelling the job and the error came from that
+            # (killed loader workers or W&B service). Die without a result, so the next attempt
+            # resumes from the last checkpoint and the sweeper keeps waiting for it.
+            print(f"{run_dir.name}: terminated by SIGTERM ({one_line(err)})", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(143)
         reason = one_line(err)
         summary.update(sweep_dir, columns, summary.rows(job, run_dir, f"failed: {reason}"))
         print(f"error: {run_dir.name}: {reason}", file=sys.stderr, flush=True)
         raise JobFailed(reason) from None
+    finally:
+        terminated.restore()
     return run_dir
+
+
+class SigtermWatch:
+    """Notes a SIGTERM and passes it on to the handler before it (submitit's, which lets the
+    job run until SLURM kills it); without one, it ends the process as SIGTERM would."""
+
+    def __init__(self):
+        self.flag = threading.Event()
+        self.previous = signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame) -> None:
+        self.flag.set()
+        if callable(self.previous):
+            self.previous(signum, frame)
+        elif self.previous != signal.SIG_IGN:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def is_set(self) -> bool:
+        return self.flag.is_set()
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
 
 
 def for_sweep(c: TrainConfig, run_dir: pathlib.Path, sweep_dir: pathlib.Path) -> TrainConfig:

@@ -342,7 +342,7 @@ def test_slurm_sweep_and_a_requeued_job_resumes_exactly(shard_root, tmp_path):
     if shutil.which("sinfo") is None:
         pytest.skip("no SLURM here (no sinfo); .ci/run starts one with ../shared/slurm/up.sh")
     args = [
-        *common(shard_root, tmp_path, n_train=128 * 600), "sae=relu", "lr=1e-3,3e-3",
+        *common(shard_root, tmp_path, n_train=128 * 3000), "sae=relu", "lr=1e-3,3e-3",
         "ckpt_every=20,21", "log_every=20", "hydra/launcher=slurm",
         "hydra.launcher.partition=debug", "hydra.launcher.cpus_per_task=1",
         "hydra.launcher.mem_gb=4", "hydra.launcher.gpus_per_node=null",
@@ -373,7 +373,7 @@ def test_slurm_sweep_and_a_requeued_job_resumes_exactly(shard_root, tmp_path):
         ("job-1", "0.001", "21", "done"), ("job-1", "0.003", "21", "done"),
     ]  # fmt: skip
     for row in rows:
-        assert row["step"] == "600" and float(row["nmse"]) < 1
+        assert row["step"] == "3000" and float(row["nmse"]) < 1
         assert trained(sweep_dir, row)["lr"] == float(row["lr"])
     # The second attempt resumed from a checkpoint, not from step 0.
     logs = "".join(p.read_text() for p in sweep_dir.glob(f".submitit/{job_id}/*_log.err"))
