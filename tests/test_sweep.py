@@ -89,6 +89,22 @@ def test_union_of_kind_grids_shares_jobs_by_data(composer):
     ]  # fmt: skip
 
 
+def test_worked_example_of_the_docs(composer):
+    grids = [{"sae": "relu", "sae.sparsity_coeff": "4e-4,8e-4"}, {"sae": "topk", "sae.k": "32,64"}]
+    p = plan(composer, ["data.layer=13,23", "lr=3e-4,1e-3"], grids=grids)
+    assert [len(j.saes) for j in p.jobs] == [8, 8]
+    assert p.swept == ["data.layer", "lr", "sae", "sae.sparsity_coeff", "sae.k"]
+    names = [s.name for s in p.jobs[0].saes]
+    assert names[0] == "00-relu-lr=0.0003-sparsity_coeff=0.0004"
+    assert names[7] == "07-topk-lr=0.001-k=64"
+    # The experiment file holds the same sweep in hydra.sweeper.params and grids.
+    hc = compose("train", SHARDS + ["+experiment=relu_vs_topk"], return_hydra_config=True).hydra
+    params, grids = (OmegaConf.to_container(hc.sweeper[k]) for k in ("params", "grids"))
+    q = sweep.plan(SHARDS + ["data.layer=13,23"], composer, params=params, grids=grids)
+    assert [len(j.saes) for j in q.jobs] == [8, 8]
+    assert {s.name.split("-", 1)[1] for s in q.jobs[1].saes} == {n.split("-", 1)[1] for n in names}
+
+
 def test_cap_splits_a_group_evenly(composer):
     p = plan(composer, ["seed=range(0,10)", "n_train=1000,2000"], max_saes_per_job=4)
     assert [len(j.saes) for j in p.jobs] == [4, 3, 3, 4, 3, 3]
