@@ -348,6 +348,22 @@ def load_plan(sweep_dir: pathlib.Path) -> Plan:
     return Plan(jobs=jobs, swept=d["swept"])
 
 
+def finish(plan: Plan, sweep_dir: pathlib.Path, reasons: list[str | None]) -> list[dict]:
+    """Fill `failed` rows for the SAEs of jobs that ended without writing theirs (killed, out of
+    memory; `reasons[j]` is what the launcher said about job j, None if it completed), sort the
+    summary in plan order and return its rows that are not `done`."""
+    written = {(r["job"], r["name"]) for r in summary.read(sweep_dir)}
+    missing = []
+    for job, reason in zip(plan.jobs, reasons):
+        for row in summary.rows(job, sweep_dir / job.run_id, ""):
+            if (job.run_id, row["name"]) not in written:
+                row["status"] = f"failed: {reason or 'the job wrote no results'}"
+                missing.append(row)
+    order = [(j.run_id, s.name) for j in plan.jobs for s in j.saes]
+    summary.update(sweep_dir, summary.columns(plan.swept), missing, order)
+    return [r for r in summary.read(sweep_dir) if r["status"] != "done"]
+
+
 # ----------------------------------------------------------------------------- one job
 
 

@@ -202,6 +202,22 @@ def test_summary_rows_of_a_job_are_replaced_not_repeated(tmp_path):
     ]
 
 
+def test_sweeper_fills_rows_of_jobs_that_wrote_none(composer, tmp_path):
+    p = plan(composer, ["data.seed=0,1,2", "lr=1,2"])
+    cols = summary.columns(p.swept)
+    summary.update(tmp_path, cols, summary.rows(p.jobs[2], tmp_path / "job-2", "failed: nan"))
+    summary.update(tmp_path, cols, summary.rows(p.jobs[0], tmp_path / "job-0", "done"))
+    # Job 1 was killed before writing; job 2 failed and wrote its rows.
+    failed = sweep.finish(p, tmp_path, [None, "job 7 (task: 0) has not produced any output", "x"])
+    rows = summary.read(tmp_path)
+    assert [(r["job"], r["lr"]) for r in rows] == [(f"job-{j}", v) for j in range(3) for v in "12"]
+    assert [r["status"] for r in rows] == ["done"] * 2 + [
+        "failed: job 7 (task: 0) has not produced any output"
+    ] * 2 + ["failed: nan"] * 2
+    assert failed == rows[2:]
+    assert [r["data.seed"] for r in rows] == ["0", "0", "1", "1", "2", "2"]
+
+
 # ----------------------------------------------------------------------------- end to end
 
 

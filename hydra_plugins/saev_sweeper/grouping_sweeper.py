@@ -83,19 +83,9 @@ class GroupingSweeper(Sweeper):
         # Pinning the resolved directory keeps a requeued job's run directory where it was.
         pin = f"hydra.sweep.dir={sweep.quote(str(sweep_dir))}"
         outcomes = self.launch([[*j.launch_overrides(), pin] for j in plan.jobs])
-        order = [(j.run_id, s.name) for j in plan.jobs for s in j.saes]
-        done = {(r["job"], r["name"]) for r in summary.read(sweep_dir)}
-        missing = []
-        for job, outcome in zip(plan.jobs, outcomes):
-            rows = [r for r in summary.rows(job, sweep_dir / job.run_id, "") if
-                    (job.run_id, r["name"]) not in done]  # fmt: skip
-            for row in rows:
-                row["status"] = f"failed: {failure(outcome) or 'the job wrote no results'}"
-            missing += rows
-        summary.update(sweep_dir, summary.columns(plan.swept), missing, order)
-        failed = [r for r in summary.read(sweep_dir) if r["status"] != "done"]
+        failed = sweep.finish(plan, sweep_dir, [failure(o) for o in outcomes])
         if failed:
-            jobs = sorted({r["job"] for r in failed})
+            jobs = list(dict.fromkeys(r["job"] for r in failed))  # plan order
             print(
                 f"error: {len(failed)} of {plan.n_saes} SAEs failed (in {', '.join(jobs)}); "
                 f"see {sweep_dir / summary.NAME}",
