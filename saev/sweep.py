@@ -395,6 +395,7 @@ def run_job(cfg) -> pathlib.Path:
     job = p.jobs[hc.job.num]
     columns = summary.columns(p.swept)
     terminated = SigtermWatch()
+    write = summary.update if is_rank_zero() else lambda *a: None  # one writer per job under DDP
     try:
         configs = [for_sweep(c, run_dir, sweep_dir) for c in training.expand(cfg)]
         if [c.name for c in configs] != [s.name for s in job.saes]:
@@ -403,7 +404,7 @@ def run_job(cfg) -> pathlib.Path:
         ckpt_path = resume(run_dir)
         configs = [dataclasses.replace(c, ckpt_path=ckpt_path) for c in configs]
         training.train(configs)
-        summary.update(sweep_dir, columns, summary.rows(job, run_dir, "done"))
+        write(sweep_dir, columns, summary.rows(job, run_dir, "done"))
     except Exception as err:
         if terminated.is_set():
             # SLURM is requeueing, preempting or cancelling the job and the error came from that
@@ -413,7 +414,7 @@ def run_job(cfg) -> pathlib.Path:
             sys.stderr.flush()
             os._exit(143)
         reason = one_line(err)
-        summary.update(sweep_dir, columns, summary.rows(job, run_dir, f"failed: {reason}"))
+        write(sweep_dir, columns, summary.rows(job, run_dir, f"failed: {reason}"))
         print(f"error: {run_dir.name}: {reason}", file=sys.stderr, flush=True)
         raise JobFailed(reason) from None
     finally:
@@ -442,6 +443,13 @@ class SigtermWatch:
 
     def restore(self) -> None:
         signal.signal(signal.SIGTERM, self.previous)
+
+
+def is_rank_zero() -> bool:
+    """Whether this process is global rank 0 (Lightning reads RANK, SLURM_PROCID, ...)."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    return getattr(rank_zero_only, "rank", 0) == 0
 
 
 def for_sweep(c: TrainConfig, run_dir: pathlib.Path, sweep_dir: pathlib.Path) -> TrainConfig:
@@ -475,11 +483,15 @@ def check_command_line(argv: list[str], conf_dir: pathlib.Path) -> None:
         return  # a single run, or flags such as --config-name that this check does not model
     from hydra import compose, initialize_config_dir
     from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        first = [v[0] for v in axes(OverridesParser.create().parse_overrides(args)).values()]
+        overrides = OverridesParser.create().parse_overrides(args)
+        # A glob needs the config loader to expand (the sweeper has it); leave it to the sweeper.
+        overrides = [o for o in overrides if o.value_type != ValueType.GLOB_CHOICE_SWEEP]
+        first = [v[0] for v in axes(overrides).values()]
         with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
             compose("train", overrides=first, return_hydra_config=True)
     except (ValueError, HydraException, OmegaConfBaseException) as err:

@@ -300,6 +300,8 @@ def check_sae_choices(argv: list[str], conf_dir: pathlib.Path) -> None:
     a multi-line report); comma lists are multirun choices."""
     known = sorted(p.stem for p in (conf_dir / "sae").glob("*.yaml"))
     for arg in argv:
+        if re.fullmatch(r"sae=\w+\(.*\)", arg):
+            continue  # choice(...), glob(...): Hydra expands and checks them
         if arg.startswith("sae="):
             for choice in arg.removeprefix("sae=").split(","):
                 if choice not in known:
