@@ -10,15 +10,15 @@ import sys
 
 import hydra
 
-from saev import sweep, train_config, training
+from saev import sweep, sweep_job, train_config, training
 
 train_config.register()
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="train")
 def main(cfg) -> None:
-    if sweep.is_job():
-        sweep.run_job(cfg)
+    if sweep_job.is_job():
+        sweep_job.run_job(cfg)
     else:
         training.main(cfg)
 
