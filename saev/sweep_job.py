@@ -12,6 +12,7 @@ import re
 import signal
 import sys
 import threading
+import time
 
 from saev import summary, training
 from saev.sweep import PLAN_NAME, load_plan, one_line
@@ -51,7 +52,7 @@ def run_job(cfg) -> pathlib.Path:
     p = load_plan(sweep_dir)
     job = p.jobs[hc.job.num]
     columns = summary.columns(p.swept)
-    terminated = SigtermWatch()
+    signals = SignalWatch()
     write = summary.update if is_rank_zero() else lambda *a: None  # one writer per job under DDP
     try:
         configs = [for_sweep(c, run_dir, sweep_dir) for c in training.expand(cfg)]
@@ -63,11 +64,11 @@ def run_job(cfg) -> pathlib.Path:
         training.train(configs)
         write(sweep_dir, columns, summary.rows(job, run_dir, "done"))
     except Exception as err:
-        if terminated.is_set():
+        if signals.caught(grace_s=5.0 if "SLURM_JOB_ID" in os.environ else 0.0):
             # SLURM is requeueing, preempting or cancelling the job and the error came from that
             # (killed loader workers or W&B service). Die without a result, so the next attempt
             # resumes from the last checkpoint and the sweeper keeps waiting for it.
-            print(f"{run_dir.name}: terminated by SIGTERM ({one_line(err)})", file=sys.stderr)
+            print(f"{run_dir.name}: stopped by a signal ({one_line(err)})", file=sys.stderr)
             sys.stderr.flush()
             os._exit(143)
         reason = one_line(err)
@@ -75,31 +76,48 @@ def run_job(cfg) -> pathlib.Path:
         print(f"error: {run_dir.name}: {reason}", file=sys.stderr, flush=True)
         raise JobFailed(reason) from None
     finally:
-        terminated.restore()
+        signals.restore()
     return run_dir
 
 
-class SigtermWatch:
-    """Notes a SIGTERM and passes it on to the handler before it (submitit's, which lets the
-    job run until SLURM kills it); without one, it ends the process as SIGTERM would."""
+class SignalWatch:
+    """Notes SIGTERM (SLURM ends the job: requeue, preemption, cancel) and SIGUSR2 (submitit's
+    signal before the time limit, on which it requeues the job) and passes each on to the handler
+    before it (submitit's); without one, the signal ends the process as it would have."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR2)
 
     def __init__(self):
         self.flag = threading.Event()
-        self.previous = signal.signal(signal.SIGTERM, self.handle)
+        self.pid = os.getpid()
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
 
     def handle(self, signum, frame) -> None:
+        if os.getpid() != self.pid:
+            # A forked loader worker inherits the handlers; submitit's would checkpoint and
+            # requeue the job a second time from there. SIGTERM ends the worker, SIGUSR2 is ignored.
+            if signum == signal.SIGTERM:
+                os._exit(143)
+            return
         self.flag.set()
-        if callable(self.previous):
-            self.previous(signum, frame)
-        elif self.previous != signal.SIG_IGN:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
+        previous = self.previous[signum]
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
 
-    def is_set(self) -> bool:
+    def caught(self, grace_s: float) -> bool:
+        """Whether one came, waiting up to `grace_s` for it: the job's other processes (loader
+        workers, the W&B service) may receive theirs and fail first."""
+        end = time.monotonic() + grace_s
+        while not self.flag.is_set() and time.monotonic() < end:
+            time.sleep(0.1)  # sleep, unlike a lock wait, lets the handler run
         return self.flag.is_set()
 
     def restore(self) -> None:
-        signal.signal(signal.SIGTERM, self.previous)
+        for s, previous in self.previous.items():
+            signal.signal(s, previous)
 
 
 def is_rank_zero() -> bool:

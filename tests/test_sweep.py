@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -439,3 +440,53 @@ def job_id_of(sweep_dir: pathlib.Path, job: int) -> str | None:
             if f"job-{job}" in log.read_text():
                 return folder.name
     return None
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_slurm_time_limit_resubmits_and_resumes(shard_root, tmp_path):
+    """A job longer than its time limit: submitit's signal 60 s before the 2-minute limit
+    requeues it (max_num_timeout), and each attempt resumes the last checkpoint until done."""
+    if shutil.which("sinfo") is None:
+        pytest.skip("no SLURM here (no sinfo); .ci/run starts one with ../shared/slurm/up.sh")
+    args = [
+        *common(shard_root, tmp_path, n_train=128 * 60000), "sae=relu", "ckpt_every=200",
+        "log_every=1000", "hydra/launcher=slurm", "hydra.launcher.partition=debug",
+        "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=4",
+        "hydra.launcher.gpus_per_node=null", "hydra.launcher.timeout_min=2",
+        "hydra.launcher.signal_delay_s=60", "hydra.launcher.max_num_timeout=5",
+    ]  # fmt: skip
+    cmd = [sys.executable, "train.py", "-m", *args]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        end = time.monotonic() + 900
+        while proc.poll() is None and time.monotonic() < end:
+            release_held(job_ids(tmp_path))
+            time.sleep(1)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err[-3000:]
+    sweep_dir = pathlib.Path(out.strip().splitlines()[-1])
+    [row] = read_summary(sweep_dir)
+    assert row["status"] == "done" and row["step"] == "60000"
+    logs = "".join(p.read_text() for p in sweep_dir.glob(".submitit/*/*_log.*"))
+    assert "Requeued job" in logs  # submitit's timeout handling resubmitted it
+    steps = [int(m) for m in re.findall(r"job-0: resuming from \S+ at step (\d+)", logs)]
+    assert steps and all(s > 0 for s in steps) and steps == sorted(steps), logs[-2000:]
+
+
+def job_ids(tmp_path: pathlib.Path) -> set[str]:
+    """SLURM ids of this test's jobs (submitit's folders)."""
+    return {p.name for p in tmp_path.glob("multirun/*/.submitit/*")}
+
+
+def release_held(ids: set[str]) -> None:
+    """Start those of `ids` that SLURM holds after a requeue (~120 s) now."""
+    pending = ["squeue", "-h", "-t", "PD", "-o", "%i %r"]
+    for line in subprocess.run(pending, capture_output=True, text=True).stdout.splitlines():
+        job_id, reason = line.split(maxsplit=1)
+        if reason == "BeginTime" and job_id in ids:
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
