@@ -1,6 +1,8 @@
 """Train SAEs on recorded activations: `python train.py data.shard_root=... data.layer=...`.
 
-Settings: conf/train.yaml. The last line printed is the run directory.
+Settings: conf/train.yaml. The last line printed is the run directory. `python train.py -m ...`
+sweeps (docs/sweeps.md): one job per group of SAEs that can share the data stream; the last line
+printed is the sweep directory.
 """
 
 import pathlib
@@ -8,16 +10,21 @@ import sys
 
 import hydra
 
-from saev import train_config, training
+from saev import sweep, sweep_job, train_config, training
 
 train_config.register()
 
 
 @hydra.main(version_base=None, config_path="conf", config_name="train")
 def main(cfg) -> None:
-    training.main(cfg)
+    if sweep_job.is_job():
+        sweep_job.run_job(cfg)
+    else:
+        training.main(cfg)
 
 
 if __name__ == "__main__":
-    training.check_sae_choices(sys.argv[1:], pathlib.Path(__file__).parent / "conf")
+    conf_dir = pathlib.Path(__file__).parent / "conf"
+    training.check_sae_choices(sys.argv[1:], conf_dir)
+    sweep.check_command_line(sys.argv[1:], conf_dir)
     main()

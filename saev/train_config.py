@@ -1,8 +1,9 @@
 """Typed schema of `conf/train.yaml`, registered in Hydra's ConfigStore (`train_schema`).
 
 A training job is a list of `TrainConfig`s, one per SAE, that agree on everything outside
-`PER_SAE_KEYS` (what is read and how the job runs). `sweep` in the primary config expands into
-such a list (cartesian product); a sweeper can hand the same list in.
+`PER_SAE_KEYS` (what is read and how the job runs). `sweep` (a cartesian product) or `members`
+(explicit override lists, which the grouping sweeper of `python train.py -m` hands in) in the
+primary config expands into such a list.
 """
 
 from __future__ import annotations
@@ -43,6 +44,10 @@ class WandbConfig:
     mode: str | None = None
     """"online", "offline" or "disabled"; None follows WANDB_MODE, else "offline" (no network or
     account needed; `wandb sync <run_dir>/wandb/offline-run-*` uploads later)."""
+    group: str | None = None
+    """W&B group of this job's runs; None: the run id. A sweep sets it to the sweep's name."""
+    tags: list[str] = dataclasses.field(default_factory=list)
+    """W&B tags of every run of the job (a sweep adds the job's name)."""
 
 
 @dataclasses.dataclass
@@ -88,6 +93,9 @@ class TrainConfig:
     sweep: Any = None
     """Per-SAE settings to cross, e.g. {sae: [relu, topk], lr: [3e-4, 1e-3]}: one SAE per
     combination, all in this job."""
+    members: list[list[str]] | None = None
+    """One override list per SAE of this job, e.g. [[sae=relu], [sae=topk, sae.k=64]], each
+    composed on top of the job's overrides. `python train.py -m` (saev.sweep) sets it."""
 
     def __post_init__(self):
         if self.lr <= 0:
@@ -128,11 +136,17 @@ class TrainConfig:
                 )
             if not isinstance(values, list | tuple) or not values:
                 raise ValueError(f"sweep.{key} must be a non-empty list, got {values!r}.")
+        if self.members is not None:
+            if not self.members:
+                raise ValueError("members must list at least one SAE's overrides.")
+            if self.sweep:
+                raise ValueError("give either sweep or members, not both.")
+            self.members = [list(m) for m in self.members]
 
     def job_fields(self) -> dict:
         """Everything that must agree across the SAEs of one job."""
         d = dataclasses.asdict(self)
-        for key in (*PER_SAE_KEYS, "sweep"):
+        for key in (*PER_SAE_KEYS, "sweep", "members"):
             d.pop(key)
         return d
 

@@ -123,12 +123,14 @@ class MetricsLog:
             import wandb
 
             mode = wb.mode or os.environ.get("WANDB_MODE") or "offline"
+            # W&B ids are unique per project: a group (a sweep) prefixes the job's run id.
+            prefix = f"{wb.group}-" if wb.group else ""
             for i, c in enumerate(configs):
                 self.runs[c.name] = wandb.init(
-                    project=wb.project, entity=wb.entity, mode=mode, group=run_id,
-                    name=f"{run_id}/{c.name}", id=f"{run_id}-{i:02d}", job_type="train",
-                    config=dataclasses.asdict(c), dir=str(run_dir), reinit="create_new",
-                    resume="allow",
+                    project=wb.project, entity=wb.entity, mode=mode, group=wb.group or run_id,
+                    name=f"{run_id}/{c.name}", id=f"{prefix}{run_id}-{i:02d}", job_type="train",
+                    tags=list(wb.tags) or None, config=dataclasses.asdict(c), dir=str(run_dir),
+                    reinit="create_new", resume="allow",
                 )  # fmt: skip
                 self.runs[c.name].define_metric(self.STEP_KEY)
                 self.runs[c.name].define_metric("*", step_metric=self.STEP_KEY)
@@ -357,22 +359,23 @@ def export(module: SAEModule, configs, run_dir: pathlib.Path, dm, run_id: str) -
 
 
 def expand(cfg) -> list[TrainConfig]:
-    """The job's per-SAE configs: `cfg` itself, or one composed config per sweep combination."""
+    """The job's per-SAE configs: `cfg` itself, or one composed config per `sweep` combination
+    or per `members` entry."""
     from omegaconf import OmegaConf
 
     base = OmegaConf.to_object(cfg)
-    if not base.sweep:
+    if not base.sweep and not base.members:
         return [base]
     from hydra import compose
     from hydra.core.hydra_config import HydraConfig
 
     hc = HydraConfig.get()
-    task = [o for o in hc.overrides.task if not o.startswith("sweep=")]
+    task = [o for o in hc.overrides.task if not o.startswith(("sweep=", "members="))]
     configs = []
-    for i, combo in enumerate(sweep_overrides(base.sweep)):
+    for i, combo in enumerate(base.members or sweep_overrides(base.sweep)):
         c = OmegaConf.to_object(compose(config_name=hc.job.config_name, overrides=task + combo))
         if c.name is None:
-            parts = [o.split("=", 1) for o in combo]
+            parts = [o.split("=", 1) for o in combo if "=" in o]
             suffix = "-".join(f"{k.split('.')[-1]}={v}" for k, v in parts if k != "sae")
             c = dataclasses.replace(
                 c, name=f"{i:02d}-{c.sae.kind}" + (f"-{suffix}" if suffix else "")
@@ -407,6 +410,8 @@ def check_sae_choices(argv: list[str], conf_dir: pathlib.Path) -> None:
     a multi-line report); comma lists are multirun choices."""
     known = sorted(p.stem for p in (conf_dir / "sae").glob("*.yaml"))
     for arg in argv:
+        if re.fullmatch(r"sae=\w+\(.*\)", arg):
+            continue  # choice(...), glob(...): Hydra expands and checks them
         if arg.startswith("sae="):
             for choice in arg.removeprefix("sae=").split(","):
                 if choice not in known:
