@@ -83,3 +83,17 @@ def test_ddp_with_dropped_nonfinite_rows_finishes(shard_root, tmp_path):  # noqa
     run, output = train_cli(args + ["data.skip_nonfinite=true", "wandb.enabled=false"], True)
     assert (run / "00-topk" / "sae.safetensors").exists()
     assert "non-finite activations" in output
+
+
+@pytest.mark.slow
+def test_ddp_inside_a_sweep_job(shard_root, tmp_path):  # noqa: F811
+    """Lightning starts the other rank by re-running the program: it must re-run this job (in
+    the job's run directory), not the whole multirun."""
+    args = ["-m", *common(shard_root, tmp_path), "sae=topk,relu", "sae.exp_factor=2", *DDP]
+    sweep_dir = train_cli(args + ["wandb.enabled=false"])
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == ["job-0"]
+    rows = (sweep_dir / "summary.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(",done," in r for r in rows[1:])
+    for name in ("00-topk", "01-relu"):
+        assert (sweep_dir / "job-0" / name / "sae.safetensors").exists()
+    assert list((tmp_path / "multirun").iterdir()) == [sweep_dir]  # no second sweep
