@@ -18,6 +18,7 @@ from torch import Tensor
 
 from saev.metrics import SAEMetrics, dead_fraction
 from saev.nn import SAE, Output, SAEConfig
+from saev.train_config import default_lr
 
 
 class NonFiniteLossError(RuntimeError):
@@ -30,7 +31,8 @@ class Member:
 
     name: str
     sae: SAEConfig
-    lr: float
+    lr: float | None
+    """Adam learning rate; None: the width rule `default_lr(sae.d_sae)`."""
     lr_warmup_steps: int
     grad_clip: float
     """Max gradient norm of this SAE's parameters; 0 disables clipping."""
@@ -77,7 +79,10 @@ class SAEModule(L.LightningModule):
 
     def configure_optimizers(self):
         groups = [
-            {"params": list(sae.parameters()), "lr": m.lr}
+            {
+                "params": list(sae.parameters()),
+                "lr": default_lr(m.sae.d_sae) if m.lr is None else m.lr,
+            }
             for sae, m in zip(self.saes, self.members)
         ]
         # Fused Adam is the fastest CUDA path; elsewhere PyTorch's default implementation.
