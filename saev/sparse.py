@@ -172,7 +172,8 @@ class _SparseEncode(torch.autograd.Function):
         for g_N, vals_N in zip(grads[0::3], vals):
             # ReLU's derivative: zero where the selected value was not positive.
             gs.append(torch.zeros_like(vals_N) if g_N is None else g_N.to(vals_N) * (vals_N > 0))
-        g_N, rows_N, cols_N = torch.cat(gs), torch.cat(rows), torch.cat(cols)
+        cat = lambda ts: ts[0] if len(ts) == 1 else torch.cat(ts)
+        g_N, rows_N, cols_N = cat(gs), cat(rows), cat(cols)
         g_S = g_N.new_zeros(S).index_add_(0, cols_N, g_N)
         g_x = g_W = g_b_dec = None
         if ctx.needs_input_grad[0]:
