@@ -185,7 +185,8 @@ class Output(typing.NamedTuple):
     loss: Tensor
     """Total training loss: mse + sparsity + aux (scalar)."""
     mse: Tensor
-    """Squared error per element, normalized space, averaged over Matryoshka prefixes (scalar)."""
+    """Squared error summed over D and averaged over the batch, in normalized space, averaged
+    over Matryoshka prefixes (scalar)."""
     sparsity: Tensor
     """Sparsity penalty including its (warmed-up) coefficient; zero for the TopK family (scalar)."""
     aux: Tensor
@@ -235,6 +236,13 @@ class _Step(torch.autograd.Function):
         bw = ctx.bandwidth
         g_theta = (-(1.0 / bw) * _rect((z_BS - theta_S) / bw) * g_BS).sum(0)
         return torch.zeros_like(z_BS), g_theta, None
+
+
+def _sq_error(x_hat_BD: Tensor, x_BD: Tensor) -> Tensor:
+    """Squared error summed over D, averaged over the batch: the ||x - x_hat||^2 of Conerly et
+    al. 2024 and Rajamanoharan et al. 2024, so that with data.scale_norm (E||x||^2 = d_model)
+    their sparsity coefficients mean the same here (docs/training.md)."""
+    return (x_hat_BD - x_BD).pow(2).sum(-1).mean()
 
 
 def _scatter_topk(pre_BS: Tensor, k: int) -> Tensor:
@@ -397,7 +405,7 @@ class SAE(nn.Module):
             x_hat_BD, mse = self._matryoshka_mse(x_BD, latents)
         else:
             x_hat_BD = self._decode_norm(latents) + self.b_dec
-            mse = (x_hat_BD - x_BD).pow(2).mean()
+            mse = _sq_error(x_hat_BD, x_BD)
         zero = mse.new_zeros(())
         sparsity = zero
         if cfg.activation == "relu":
@@ -435,7 +443,7 @@ class SAE(nn.Module):
                 x_hat_BD = x_hat_BD + self._decode_norm(latents, part_N)
             else:
                 x_hat_BD = x_hat_BD + latents.dense()[:, start:end] @ self.W_dec[start:end]
-            total = total + (x_hat_BD - x_BD).pow(2).mean()
+            total = total + _sq_error(x_hat_BD, x_BD)
             start = end
         return x_hat_BD, total / len(sizes)
 
@@ -447,7 +455,7 @@ class SAE(nn.Module):
         e_hat_BD = self._decode_norm(aux)
         var = (e_BD - e_BD.mean(0)).pow(2).mean().clamp_min(1e-12)
         scale = min(n_dead / k_aux, 1.0)
-        return self.cfg.aux_coeff * scale * (e_hat_BD - e_BD).pow(2).mean() / var
+        return self.cfg.aux_coeff * scale * _sq_error(e_hat_BD, e_BD) / var
 
     @torch.no_grad()
     def _update_fired(self, latents: Latents) -> None:

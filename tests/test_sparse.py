@@ -51,11 +51,11 @@ def dense_reference(sae: SAE, x_BD: torch.Tensor, dead_S: torch.Tensor | None):
         x_hat_BD, total, start = b_dec.expand_as(x_BD), 0.0, 0
         for end in cfg.prefix_sizes:
             x_hat_BD = x_hat_BD + f_BS[:, start:end] @ W_dec[start:end]
-            total, start = total + (x_hat_BD - x_BD).pow(2).mean(), end
+            total, start = total + (x_hat_BD - x_BD).pow(2).sum(-1).mean(), end
         mse = total / len(cfg.prefix_sizes)
     else:
         x_hat_BD = f_BS @ W_dec + b_dec
-        mse = (x_hat_BD - x_BD).pow(2).mean()
+        mse = (x_hat_BD - x_BD).pow(2).sum(-1).mean()
     aux = torch.zeros((), dtype=x_BD.dtype)
     if dead_S is not None and dead_S.any():
         k_aux = min(cfg.aux_k, S)
@@ -64,7 +64,7 @@ def dense_reference(sae: SAE, x_BD: torch.Tensor, dead_S: torch.Tensor | None):
         e_BD = (x_BD - x_hat_BD).detach()
         var = (e_BD - e_BD.mean(0)).pow(2).mean()
         scale = min(int(dead_S.sum()) / k_aux, 1.0)
-        aux = cfg.aux_coeff * scale * (f_aux @ W_dec - e_BD).pow(2).mean() / var
+        aux = cfg.aux_coeff * scale * (f_aux @ W_dec - e_BD).pow(2).sum(-1).mean() / var
     loss = mse + aux
     loss.backward()
     grads = {"W_enc": W_enc.grad, "b_enc": b_enc.grad, "W_dec": W_dec.grad, "b_dec": b_dec.grad}
@@ -195,3 +195,20 @@ def test_jumprelu_pre_acts_stay_float32_under_autocast():
     sae = SAE(cfg)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert sae.pre_acts(torch.randn(4, D)).dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", list(KIND))
+def test_sparse_step_on_cuda_equals_dense_reference(kind):
+    torch.backends.cuda.matmul.allow_tf32 = False
+    sae = make(kind, dead_after_tokens=1000).cuda()
+    sae.tokens_since_fired[:10] = 1000
+    x = batch().cuda()
+    dead_S = sae.tokens_since_fired >= 1000
+    f_ref, x_hat_ref, _, aux_ref, loss_ref, grads = dense_reference(sae, x, dead_S)
+    out = sae(x)
+    out.loss.backward()
+    torch.testing.assert_close(out.f_x, f_ref)
+    torch.testing.assert_close(out.loss, loss_ref)
+    for name, g in grads.items():
+        torch.testing.assert_close(getattr(sae, name).grad, g, msg=name)
