@@ -29,7 +29,7 @@ from saev.train_config import TrainConfig, WandbConfig
 AUX = dict(aux_k=512, aux_coeff=1 / 32)
 
 
-def kinds(k: int, l1: float) -> dict[str, SAEConfig]:
+def kinds(k: int, l1: float, l0: float) -> dict[str, SAEConfig]:
     """The five kinds with settings suited to the synthetic data (k = true active features)."""
     penalized = dict(sparsity_warmup_steps=200)
     return {
@@ -38,7 +38,7 @@ def kinds(k: int, l1: float) -> dict[str, SAEConfig]:
         "batchtopk": SAEConfig(activation="batchtopk", k=k, threshold_momentum=0.01, **AUX),
         "jumprelu": SAEConfig(
             activation="jumprelu",
-            sparsity_coeff=l1,
+            sparsity_coeff=l0,
             bandwidth=0.05,
             init_threshold=0.05,
             **penalized,
@@ -111,7 +111,7 @@ def default_configs(args, root) -> list[TrainConfig]:
 
 
 def tuned_configs(args, data) -> list[TrainConfig]:
-    chosen = {name: cfg for name, cfg in kinds(args.active, args.l1).items() if name in args.kinds}
+    chosen = {name: cfg for name, cfg in kinds(args.active, args.l1, args.l0).items() if name in args.kinds}
     return [
         TrainConfig(
             data=data,
@@ -131,7 +131,7 @@ def tuned_configs(args, data) -> list[TrainConfig]:
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--kinds", nargs="+", default=list(kinds(1, 0.0)))
+    p.add_argument("--kinds", nargs="+", default=list(kinds(1, 0.0, 0.0)))
     p.add_argument("--d-model", type=int, default=32)
     p.add_argument("--n-features", type=int, default=64)
     p.add_argument("--active", type=int, default=3)
@@ -141,8 +141,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=512)
     p.add_argument("--lr", type=float, default=3e-3, help="tuned settings only")
-    p.add_argument("--l1", type=float, help="relu L1 (tuned: also jumprelu L0; default 3e-3)")
-    p.add_argument("--l0", type=float, default=0.3, help="jumprelu L0 coefficient (--defaults)")
+    # Coefficients against the squared error summed over d_model at E||x||^2 = d_model.
+    p.add_argument("--l1", type=float, default=1.0, help="relu L1 coefficient")
+    p.add_argument("--l0", type=float, default=0.3, help="jumprelu L0 coefficient")
     p.add_argument(
         "--defaults", action="store_true",
         help="conf/ as shipped, only width and k or sparsity set; target: every kind >= 90%%",
@@ -153,8 +154,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dump-to", default=os.path.join(tempfile.gettempdir(), "saev-recovery"))
     p.add_argument("--runs-root", default=os.path.join(tempfile.gettempdir(), "saev-recovery-runs"))
     args = p.parse_args()
-    if args.l1 is None:  # the squared error is summed over D: --defaults needs a larger L1
-        args.l1 = 1.0 if args.defaults else 3e-3
     return args
 
 

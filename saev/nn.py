@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from saev import sparse
+from saev.jumprelu import JumpReLU, Step
 from saev.sparse import Latents
 
 ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
@@ -198,46 +199,6 @@ class Output(typing.NamedTuple):
         return self.latents.dense()
 
 
-def _rect(u: Tensor) -> Tensor:
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
-
-
-class _JumpReLU(torch.autograd.Function):
-    """z * H(z - theta); the threshold's gradient uses a rectangle-kernel pseudo-derivative
-    (Rajamanoharan et al. 2024, eq. 11)."""
-
-    @staticmethod
-    def forward(ctx, z_BS, theta_S, bandwidth):
-        ctx.save_for_backward(z_BS, theta_S)
-        ctx.bandwidth = bandwidth
-        return z_BS * (z_BS > theta_S)
-
-    @staticmethod
-    def backward(ctx, g_BS):
-        z_BS, theta_S = ctx.saved_tensors
-        bw = ctx.bandwidth
-        g_z = g_BS * (z_BS > theta_S)
-        g_theta = (-(theta_S / bw) * _rect((z_BS - theta_S) / bw) * g_BS).sum(0)
-        return g_z, g_theta, None
-
-
-class _Step(torch.autograd.Function):
-    """H(z - theta) with the same pseudo-derivative for theta and none for z (paper, eq. 12)."""
-
-    @staticmethod
-    def forward(ctx, z_BS, theta_S, bandwidth):
-        ctx.save_for_backward(z_BS, theta_S)
-        ctx.bandwidth = bandwidth
-        return (z_BS > theta_S).to(z_BS.dtype)
-
-    @staticmethod
-    def backward(ctx, g_BS):
-        z_BS, theta_S = ctx.saved_tensors
-        bw = ctx.bandwidth
-        g_theta = (-(1.0 / bw) * _rect((z_BS - theta_S) / bw) * g_BS).sum(0)
-        return torch.zeros_like(z_BS), g_theta, None
-
-
 def _sq_error(x_hat_BD: Tensor, x_BD: Tensor) -> Tensor:
     """Squared error summed over D, averaged over the batch: the ||x - x_hat||^2 of Conerly et
     al. 2024 and Rajamanoharan et al. 2024, so that with data.scale_norm (E||x||^2 = d_model)
@@ -312,7 +273,7 @@ class SAE(nn.Module):
         if act == "topk":
             return _scatter_topk(pre_BS, self.cfg.k)
         if act == "jumprelu":
-            return _JumpReLU.apply(pre_BS, self.log_threshold.exp(), self.cfg.bandwidth)
+            return JumpReLU.apply(pre_BS, self.log_threshold.exp(), self.cfg.bandwidth)
         if not self.training:
             # BatchTopK at inference: a learned threshold, so each example is encoded on its own.
             thr = torch.nan_to_num(self.threshold, nan=0.0)
@@ -414,7 +375,7 @@ class SAE(nn.Module):
             l1_B = f_BS.sum(-1) if w_S is None else f_BS @ w_S
             sparsity = cfg.sparsity_coeff * sparsity_scale * l1_B.mean()
         elif cfg.activation == "jumprelu":
-            l0_BS = _Step.apply(pre_BS, self.log_threshold.exp(), cfg.bandwidth)
+            l0_BS = Step.apply(pre_BS, self.log_threshold.exp(), cfg.bandwidth)
             sparsity = cfg.sparsity_coeff * sparsity_scale * l0_BS.sum(-1).mean()
         aux_loss = zero
         if self.training:

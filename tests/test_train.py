@@ -255,7 +255,7 @@ def test_recovery_of_true_features(tmp_path):
     kinds = {
         "topk": ["sae=topk", "sae.k=3", *aux],
         "batchtopk": ["sae=batchtopk", "sae.k=3", *aux],
-        "relu": ["sae=relu", "sae.sparsity_coeff=3e-3", "sae.sparsity_warmup_steps=100"],
+        "relu": ["sae=relu", "sae.sparsity_coeff=1.0", "sae.sparsity_warmup_steps=100"],
     }
     cfgs = [dataclasses.replace(configs(data + width + o), name=n) for n, o in kinds.items()]
     run_dir = training.train(cfgs)
