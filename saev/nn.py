@@ -437,7 +437,8 @@ class SAE(nn.Module):
         """Drop the part of each decoder row's gradient that would only change its norm."""
         if self.cfg.normalize_decoder and self.W_dec.grad is not None:
             W, g = self.W_dec, self.W_dec.grad
-            g -= (g * W).sum(-1, keepdim=True) * W
+            # In place, without an [S, D] temporary: g -= <g, W> W per row.
+            g.addcmul_(torch.linalg.vecdot(g, W).unsqueeze(-1), W, value=-1)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
