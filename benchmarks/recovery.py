@@ -111,7 +111,11 @@ def default_configs(args, root) -> list[TrainConfig]:
 
 
 def tuned_configs(args, data) -> list[TrainConfig]:
-    chosen = {name: cfg for name, cfg in kinds(args.active, args.l1, args.l0).items() if name in args.kinds}
+    chosen = {
+        name: cfg
+        for name, cfg in kinds(args.active, args.l1, args.l0).items()
+        if name in args.kinds
+    }
     return [
         TrainConfig(
             data=data,
