@@ -74,9 +74,13 @@ def raw_pass(paths: list[pathlib.Path], how: str) -> float:
     return time.perf_counter() - start
 
 
-def loader_epochs(root, batch_size: int, buffer_mb: int, n_workers: int, seed: int):
+def loader_epochs(root, batch_size: int, buffer_mb: int, n_workers: int, seed: int, device="cpu"):
     """Seconds for a fresh loader's first epoch (its start-up included) and for its second
-    epoch (workers, memory maps and buffer already set up), and the rows served per epoch."""
+    epoch (workers, memory maps and buffer already set up), and the rows served per epoch; with
+    a CUDA `device`, each batch is also copied into it (the bandwidth into the GPU)."""
+    import torch
+
+    to_device = device != "cpu"
     seconds, rows = [], []
     start = time.perf_counter()
     loader = ShuffledLoader(
@@ -85,7 +89,10 @@ def loader_epochs(root, batch_size: int, buffer_mb: int, n_workers: int, seed: i
     for _ in range(2):
         rows.append(0)
         for batch in loader:
-            rows[-1] += len(batch["act"])
+            act = batch["act"].to(device, non_blocking=True) if to_device else batch["act"]
+            rows[-1] += len(act)
+        if to_device and torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
         start = time.perf_counter()
     loader.close()
@@ -106,7 +113,9 @@ def measure(root, paths, n_bytes: int, row_bytes: int, args):
             raw[how].append(n_bytes / raw_pass(paths, how))
             cpu["raw"].append((cpu_seconds() - c0) / (n_bytes / 1e9))
         c0 = cpu_seconds()
-        seconds, rows = loader_epochs(root, args.batch_size, args.buffer_mb, args.n_workers, seed)
+        seconds, rows = loader_epochs(
+            root, args.batch_size, args.buffer_mb, args.n_workers, seed, args.device
+        )
         cpu["loader"].append((cpu_seconds() - c0) / (2 * n_bytes / 1e9))
         assert all(n * row_bytes == n_bytes for n in rows)  # every activation, each epoch
         loader_bw.append(n_bytes / seconds[0])
@@ -124,6 +133,7 @@ def main() -> None:
     parser.add_argument("--buffer-mb", default=512, type=int)
     parser.add_argument("--n-workers", default=2, type=int)
     parser.add_argument("--passes", default=3, type=int)
+    parser.add_argument("--device", default="cpu", help="copy each batch into it (cuda: to GPU)")
     args = parser.parse_args()
     print(f"load average {os.getloadavg()}, {os.cpu_count()} CPUs")
     for dtype in args.dtypes.split(","):
@@ -142,8 +152,9 @@ def main() -> None:
             f"{statistics.median(raw['memmap']) / 1e9:.2f}) -> {raw_bw / 1e9:.2f} GB/s | "
             f"ShuffledLoader epochs {', '.join(f'{b / 1e9:.2f}' for b in loader_bw)} GB/s, median "
             f"{med / 1e9:.2f} GB/s = {med / raw_bw:.0%} of raw | buffer {args.buffer_mb} MB, "
-            f"{args.n_workers} workers, batch {args.batch_size}\n  second epoch of the same loader "
-            f"(start-up paid): {', '.join(f'{b / 1e9:.2f}' for b in steady_bw)} GB/s, median "
+            f"{args.n_workers} workers, batch {args.batch_size}, into {args.device}\n  second "
+            "epoch of the same loader (start-up paid): "
+            f"{', '.join(f'{b / 1e9:.2f}' for b in steady_bw)} GB/s, median "
             f"{statistics.median(steady_bw) / raw_bw:.0%} of raw | CPU s per GB: raw "
             f"{statistics.median(cpu['raw']):.2f}, loader {statistics.median(cpu['loader']):.2f}"
         )

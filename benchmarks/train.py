@@ -1,25 +1,35 @@
 """Training-step throughput in SAE-activations/s (activations/s times number of SAEs).
 
-Runs the real `SAEModule` under a Lightning `Trainer` on in-memory random batches (so disk speed
-does not count), for 1 and 8 SAEs of ReLU and TopK, and compares against the machine's
-matrix-multiply floor measured in the same process: the five dense GEMMs of shape B x D x S that
-one SAE step cannot avoid (encoder forward and weight gradient, decoder forward, weight gradient
-and input gradient).
+Two measurements, each interleaved with its references in the same process (the machine may be
+shared, so ratios measured side by side are what count; medians over --repeats rounds):
 
-    python benchmarks/train.py                               # CPU-sized: d_model 256, d_sae 2048
+1. The real `SAEModule` step under a Lightning `Trainer` on in-memory batches (disk speed does
+   not count), for 1 and 8 SAEs of each kind, against the dense matmul floor: the five B x D x S
+   products a dense SAE step cannot avoid (encoder forward and weight gradient, decoder forward,
+   weight and input gradient), and for the TopK family the one product its sparse step keeps.
+2. The bare TopK step (our SAE, Adam, parallel-gradient removal, clipping, renormalization)
+   against EleutherAI's sparsify doing the same (its `Sae`, Adam, its gradient projection and
+   renormalization, its dead-latent bookkeeping), when `eai-sparsify` is installed
+   (`pip install saev[bench]`).
+
+    python benchmarks/train.py                # CPU-sized: d_model 256, d_sae 8192, batch 4096
     python benchmarks/train.py --device cuda --d-model 1024 --d-sae 16384 --batch 16384 \
         --precision bf16-mixed --compile
 """
 
+from __future__ import annotations
+
 import argparse
+import contextlib
 import os
+import statistics
 import time
 
 import lightning as L
 import torch
 
 from saev.module import Member, SAEModule
-from saev.nn import SAEConfig
+from saev.nn import SAE, SAEConfig
 
 
 class RandomBatches:
@@ -35,45 +45,48 @@ class RandomBatches:
         return iter([{"act": self.x_BD}] * self.steps)
 
 
-class Timer(L.Callback):
-    def __init__(self, warmup: int):
-        self.warmup, self.start, self.end = warmup, None, None
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
-    def _sync(self, module):
-        if module.device.type == "cuda":
-            torch.cuda.synchronize()
+
+class Timer(L.Callback):
+    def __init__(self, warmup: int, device: str):
+        self.warmup, self.device, self.start, self.end = warmup, device, None, None
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
         if trainer.global_step == self.warmup:
-            self._sync(module)
+            sync(self.device)
             self.start = time.perf_counter()
 
     def on_train_end(self, trainer, module):
-        self._sync(module)
+        sync(self.device)
         self.end = time.perf_counter()
 
 
 def sae_config(kind: str, d_model: int, d_sae: int, k: int) -> SAEConfig:
-    if kind == "relu":
-        cfg = SAEConfig(
+    aux = dict(k=k, aux_k=512, aux_coeff=1 / 32)
+    cfg = {
+        "relu": dict(
             activation="relu", sparsity_coeff=4e-4, sparsity_warmup_steps=0, l1_decoder_norm=False
-        )
-    else:
-        cfg = SAEConfig(activation="topk", k=k, aux_k=512, aux_coeff=1 / 32)
-    return SAEConfig(**{**cfg.__dict__, "d_sae": d_sae}).resolve(d_model)
+        ),
+        "topk": dict(activation="topk", **aux),
+        "batchtopk": dict(activation="batchtopk", threshold_momentum=0.01, **aux),
+    }[kind]
+    return SAEConfig(d_sae=d_sae, **cfg).resolve(d_model)
 
 
-def step_rate(args, kind: str, n_saes: int) -> float:
-    """SAE-activations per second of full training steps."""
+def module_rate(args, kind: str, n_saes: int) -> float:
+    """SAE-activations per second of full training steps through Lightning."""
     members = [
         Member(f"{i}", sae_config(kind, args.d_model, args.d_sae, args.k), 1e-4, 0, 1.0, seed=i)
         for i in range(n_saes)
     ]
     module = SAEModule(members, log_every=10**9, compile=args.compile)
     x_BD = torch.randn(args.batch, args.d_model, device=args.device)
-    timer = Timer(args.warmup)
+    timer = Timer(args.warmup, args.device)
     trainer = L.Trainer(
-        accelerator="gpu" if args.device == "cuda" else "cpu", devices=1,
+        accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1,
         precision="32-true" if args.precision == "32" else args.precision,
         max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
@@ -83,63 +96,176 @@ def step_rate(args, kind: str, n_saes: int) -> float:
     return args.batch * args.steps * n_saes / (timer.end - timer.start)
 
 
-def matmul_floor(args) -> float:
-    """SAE-activations/s if a step cost only its five B x D x S GEMMs (dense, same dtype)."""
-    dtype = torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32
-    B, D, S = args.batch, args.d_model, args.d_sae
-    dev = args.device
-    x, g = torch.randn(B, D, device=dev, dtype=dtype), torch.randn(B, D, device=dev, dtype=dtype)
-    f, W_enc = (
-        torch.randn(B, S, device=dev, dtype=dtype),
-        torch.randn(D, S, device=dev, dtype=dtype),
-    )
-    W_dec = torch.randn(S, D, device=dev, dtype=dtype)
-
-    def step():
-        x @ W_enc, f @ W_dec, f.T @ g, g @ W_dec.T, x.T @ f
-
+def timed(step, args) -> float:
+    """Activations/s of `step()` after warmup."""
     for _ in range(args.warmup):
         step()
-    if dev == "cuda":
-        torch.cuda.synchronize()
+    sync(args.device)
     start = time.perf_counter()
     for _ in range(args.steps):
         step()
-    if dev == "cuda":
-        torch.cuda.synchronize()
-    return B * args.steps / (time.perf_counter() - start)
+    sync(args.device)
+    return args.batch * args.steps / (time.perf_counter() - start)
+
+
+def matmul_floor(args, n_products: int) -> float:
+    """Activations/s if a step cost only its first `n_products` of the five B x D x S products
+    (dense, in the step's compute dtype)."""
+    dtype = torch.bfloat16 if args.precision == "bf16-mixed" else torch.float32
+    B, D, S, dev = args.batch, args.d_model, args.d_sae, args.device
+    x, g = (torch.randn(B, D, device=dev, dtype=dtype) for _ in range(2))
+    f = torch.randn(B, S, device=dev, dtype=dtype)
+    W_enc, W_dec = (
+        torch.randn(D, S, device=dev, dtype=dtype),
+        torch.randn(S, D, device=dev, dtype=dtype),
+    )
+    products = [lambda: x @ W_enc, lambda: f @ W_dec, lambda: f.T @ g, lambda: g @ W_dec.T]
+    products.append(lambda: x.T @ f)
+
+    def step():
+        for p in products[:n_products]:
+            p()
+
+    return timed(step, args)
+
+
+def autocast(args):
+    if args.precision != "bf16-mixed":
+        return contextlib.nullcontext()
+    return torch.autocast(args.device.split(":")[0], dtype=torch.bfloat16)
+
+
+def ours_bare_step(args, x_BD):
+    """Our TopK SAE step as `SAEModule.training_step` takes it, without Lightning."""
+    sae = SAE(sae_config("topk", args.d_model, args.d_sae, args.k)).to(args.device).train()
+    sae.init_b_dec_(x_BD)
+    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, fused=True)  # as SAEModule
+    forward = torch.compile(sae) if args.compile else sae
+
+    def step():
+        with autocast(args):
+            out = forward(x_BD)
+        assert torch.isfinite(out.loss.detach()).item()  # the module's per-step finite check
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        sae.remove_parallel_grad_()
+        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        opt.step()
+        sae.normalize_decoder_()
+
+    return step
+
+
+def sparsify_bare_step(args, x_BD):
+    """sparsify's TopK step as its `Trainer` takes it with the Adam optimizer: forward with the
+    dead mask (AuxK skipped while nothing is dead), fvu + auxk_alpha * auxk, gradient
+    projection, Adam, renormalization, dead-latent bookkeeping."""
+    from sparsify import Sae, SaeConfig
+
+    cfg = SaeConfig(num_latents=args.d_sae, k=args.k)
+    sae = Sae(args.d_model, cfg, device=args.device)
+    sae.b_dec.data = x_BD.mean(0)
+    lr = 2e-4 / (args.d_sae / 2**14) ** 0.5  # sparsify's own Adam default
+    opt = torch.optim.Adam(sae.parameters(), lr=lr)
+    since_fired_S = torch.zeros(args.d_sae, dtype=torch.long, device=args.device)
+    forward = torch.compile(sae) if args.compile else sae
+
+    def step():
+        dead_S = since_fired_S > 10_000_000
+        with autocast(args):
+            out = forward(x_BD, dead_mask=dead_S)
+        loss = out.fvu + out.auxk_loss / 32
+        did_fire = torch.zeros(args.d_sae, dtype=torch.bool, device=args.device)
+        did_fire[out.latent_indices.flatten()] = True
+        loss.backward()
+        sae.remove_gradient_parallel_to_decoder_directions()
+        opt.step()
+        opt.zero_grad()
+        sae.set_decoder_norm_to_unit_norm()
+        since_fired_S.add_(len(x_BD))
+        since_fired_S[did_fire] = 0
+
+    return step
+
+
+def compare_with_sparsify(args) -> None:
+    if not args.device.startswith("cuda"):
+        # sparsify picks its Triton decoder whenever Triton imports; it runs only on CUDA.
+        os.environ["SPARSIFY_DISABLE_TRITON"] = "1"
+    try:
+        import sparsify  # noqa: F401
+    except ImportError as err:
+        print(f"sparsify not importable ({err}); `pip install saev[bench]` to compare with it.")
+        return
+    x_BD = torch.randn(args.batch, args.d_model, device=args.device) + 2.0
+    ours, theirs = ours_bare_step(args, x_BD), sparsify_bare_step(args, x_BD)
+    rates = {"ours": [], "sparsify": [], "floor1": []}
+    for _ in range(args.repeats):
+        rates["ours"].append(timed(ours, args))
+        rates["sparsify"].append(timed(theirs, args))
+        rates["floor1"].append(matmul_floor(args, 1))
+    ratio = [a / b for a, b in zip(rates["ours"], rates["sparsify"])]
+    of_floor = [a / b for a, b in zip(rates["ours"], rates["floor1"])]
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(
+        f"bare topk k={args.k}: ours {med['ours']:.4g} act/s, sparsify {med['sparsify']:.4g} "
+        f"act/s, one-product floor {med['floor1']:.4g} act/s (medians of {args.repeats})"
+    )
+    print(
+        f"  ours / sparsify per round: {' '.join(f'{r:.2f}' for r in ratio)} "
+        f"(median {statistics.median(ratio):.2f}x); ours / one-product floor: median "
+        f"{statistics.median(of_floor):.0%}"
+    )
+
+
+def compare_with_floor(args) -> None:
+    for kind in args.kinds:
+        for n in args.n_saes:
+            floors = {1: [], 5: []}
+            rates = []
+            for _ in range(args.repeats):
+                rates.append(module_rate(args, kind, n))
+                for p in floors:
+                    floors[p].append(matmul_floor(args, p))
+            rate = statistics.median(rates)
+            f5, f1 = (statistics.median(floors[p]) for p in (5, 1))
+            sparse = kind != "relu"
+            line = (
+                f"{kind:<9} x{n}: {rate:.4g} SAE-activations/s; dense 5-product floor {f5:.4g} "
+                f"({rate / f5:.0%} of it)"
+            )
+            if sparse:
+                line += f"; 1-product floor {f1:.4g} ({rate / f1:.0%} of it)"
+            print(line)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--d-sae", type=int, default=2048)
+    p.add_argument("--d-sae", type=int, default=8192)
     p.add_argument("--batch", type=int, default=4096)
     p.add_argument("--k", type=int, default=32)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--precision", default="32", choices=["32", "bf16-mixed"])
     p.add_argument("--compile", action="store_true")
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians count")
     p.add_argument("--n-saes", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--kinds", nargs="+", default=["relu", "topk"])
+    p.add_argument("--kinds", nargs="+", default=["relu", "topk", "batchtopk"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["module", "sparsify"])
     args = p.parse_args()
     torch.set_float32_matmul_precision("high")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(
         f"device={args.device} threads={torch.get_num_threads()} load={load:.1f} "
-        f"d_model={args.d_model} d_sae={args.d_sae} batch={args.batch} precision={args.precision} "
-        f"compile={args.compile}"
+        f"d_model={args.d_model} d_sae={args.d_sae} batch={args.batch} k={args.k} "
+        f"precision={args.precision} compile={args.compile}"
     )
-    # The machine may be shared: re-measure the floor next to every run and compare with that.
-    for kind in args.kinds:
-        for n in args.n_saes:
-            floor = matmul_floor(args)
-            rate = step_rate(args, kind, n)
-            print(
-                f"{kind:<5} x{n}: {rate:.4g} SAE-activations/s; dense matmul floor {floor:.4g} "
-                f"SAE-activations/s; {rate / floor:.0%} of the floor"
-            )
+    if "sparsify" not in args.skip:
+        compare_with_sparsify(args)
+    if "module" not in args.skip:
+        compare_with_floor(args)
 
 
 if __name__ == "__main__":

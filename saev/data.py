@@ -392,8 +392,9 @@ class DataConfig:
     """Train examples sampled to estimate the normalization statistics."""
     scale_mean: bool = False
     """Subtract the train mean activation."""
-    scale_norm: bool = False
-    """Scale so normalized activations have mean squared norm d_model."""
+    scale_norm: bool = True
+    """Scale so normalized activations have mean squared norm d_model (unit variance per dimension
+    on average), the scale at which published sparsity coefficients apply (docs/training.md)."""
     skip_nonfinite: bool = False
     """Drop (and count) NaN/inf activations instead of stopping with an error."""
 

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from saev.metrics import SAEMetrics, dead_fraction
 from saev.nn import SAE, Output, SAEConfig
+from saev.train_config import default_lr
 
 
 class NonFiniteLossError(RuntimeError):
@@ -30,7 +31,8 @@ class Member:
 
     name: str
     sae: SAEConfig
-    lr: float
+    lr: float | None
+    """Adam learning rate; None: the width rule `default_lr(sae.d_sae)`."""
     lr_warmup_steps: int
     grad_clip: float
     """Max gradient norm of this SAE's parameters; 0 disables clipping."""
@@ -77,11 +79,16 @@ class SAEModule(L.LightningModule):
 
     def configure_optimizers(self):
         groups = [
-            {"params": list(sae.parameters()), "lr": m.lr}
+            {
+                "params": list(sae.parameters()),
+                "lr": default_lr(m.sae.d_sae) if m.lr is None else m.lr,
+            }
             for sae, m in zip(self.saes, self.members)
         ]
-        # Fused Adam is the fastest CUDA path; elsewhere PyTorch's default implementation.
-        opt = torch.optim.Adam(groups, fused=torch.cuda.is_available() or None)
+        # Fused Adam (one kernel per step over all parameters) on CUDA and on CPU, where it is ~4x
+        # faster than the default for-each implementation (0.03 s vs 0.12 s for two 8192 x 256
+        # matrices; benchmarks/train.py).
+        opt = torch.optim.Adam(groups, fused=True)
         lambdas = [lambda step, w=m.lr_warmup_steps: warmup(step, w) for m in self.members]
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambdas)
         return [opt], [{"scheduler": sched, "interval": "step"}]

@@ -19,6 +19,10 @@ import typing
 import torch
 from torch import Tensor, nn
 
+from saev import sparse
+from saev.jumprelu import JumpReLU, Step
+from saev.sparse import Latents
+
 ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
 TOPK_FAMILY = ("topk", "batchtopk")
 PENALIZED = ("relu", "jumprelu")
@@ -177,56 +181,29 @@ class Output(typing.NamedTuple):
 
     x_hat: Tensor
     """Reconstruction in raw activation space, [B, D]."""
-    f_x: Tensor
-    """Latent activations, [B, S]."""
+    latents: Latents
+    """Latent activations: sparse entries for the TopK family in training, else dense."""
     loss: Tensor
     """Total training loss: mse + sparsity + aux (scalar)."""
     mse: Tensor
-    """Squared error per element, normalized space, averaged over Matryoshka prefixes (scalar)."""
+    """Squared error summed over D and averaged over the batch, in normalized space, averaged
+    over Matryoshka prefixes (scalar)."""
     sparsity: Tensor
     """Sparsity penalty including its (warmed-up) coefficient; zero for the TopK family (scalar)."""
     aux: Tensor
-    """AuxK loss including aux_coeff; zero when unused or in eval mode (scalar)."""
+    """AuxK loss including aux_coeff; zero when unused, nothing is dead, or in eval mode."""
+
+    @property
+    def f_x(self) -> Tensor:
+        """Latent activations, [B, S], made dense on first use (the training step never asks)."""
+        return self.latents.dense()
 
 
-def _rect(u: Tensor) -> Tensor:
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
-
-
-class _JumpReLU(torch.autograd.Function):
-    """z * H(z - theta); the threshold's gradient uses a rectangle-kernel pseudo-derivative
-    (Rajamanoharan et al. 2024, eq. 11)."""
-
-    @staticmethod
-    def forward(ctx, z_BS, theta_S, bandwidth):
-        ctx.save_for_backward(z_BS, theta_S)
-        ctx.bandwidth = bandwidth
-        return z_BS * (z_BS > theta_S)
-
-    @staticmethod
-    def backward(ctx, g_BS):
-        z_BS, theta_S = ctx.saved_tensors
-        bw = ctx.bandwidth
-        g_z = g_BS * (z_BS > theta_S)
-        g_theta = (-(theta_S / bw) * _rect((z_BS - theta_S) / bw) * g_BS).sum(0)
-        return g_z, g_theta, None
-
-
-class _Step(torch.autograd.Function):
-    """H(z - theta) with the same pseudo-derivative for theta and none for z (paper, eq. 12)."""
-
-    @staticmethod
-    def forward(ctx, z_BS, theta_S, bandwidth):
-        ctx.save_for_backward(z_BS, theta_S)
-        ctx.bandwidth = bandwidth
-        return (z_BS > theta_S).to(z_BS.dtype)
-
-    @staticmethod
-    def backward(ctx, g_BS):
-        z_BS, theta_S = ctx.saved_tensors
-        bw = ctx.bandwidth
-        g_theta = (-(1.0 / bw) * _rect((z_BS - theta_S) / bw) * g_BS).sum(0)
-        return torch.zeros_like(z_BS), g_theta, None
+def _sq_error(x_hat_BD: Tensor, x_BD: Tensor) -> Tensor:
+    """Squared error summed over D, averaged over the batch: the ||x - x_hat||^2 of Conerly et
+    al. 2024 and Rajamanoharan et al. 2024, so that with data.scale_norm (E||x||^2 = d_model)
+    their sparsity coefficients mean the same here (docs/training.md)."""
+    return (x_hat_BD - x_BD).pow(2).sum(-1).mean()
 
 
 def _scatter_topk(pre_BS: Tensor, k: int) -> Tensor:
@@ -281,39 +258,45 @@ class SAE(nn.Module):
     # -- encode / decode -----------------------------------------------------------------------
     def pre_acts(self, x_BD: Tensor) -> Tensor:
         """Encoder pre-activations of normalized inputs, W_enc^T (x - b_dec) + b_enc."""
-        # Folding b_dec into the bias keeps the big GEMM's input free of gradients: b_dec's
-        # gradient through the encoder costs a [D]x[D,S] product, not a B x S x D GEMM.
-        return x_BD @ self.W_enc + (self.b_enc - self.b_dec @ self.W_enc)
+        if self.cfg.activation == "jumprelu":
+            # The rectangle kernel's bandwidth (paper: 0.001) is below bf16's resolution near 1
+            # (2^-8), so JumpReLU's pre-activations stay float32 under autocast.
+            with torch.autocast(x_BD.device.type, enabled=False):
+                return sparse.encoder_pre_acts(x_BD.float(), self.W_enc, self.b_enc, self.b_dec)
+        return sparse.encoder_pre_acts(x_BD, self.W_enc, self.b_enc, self.b_dec)
 
     def activate(self, pre_BS: Tensor) -> Tensor:
+        """Dense latents [B, S] of pre-activations (inference; the dense reference in tests)."""
         act = self.cfg.activation
         if act == "relu":
             return pre_BS.relu()
         if act == "topk":
             return _scatter_topk(pre_BS, self.cfg.k)
         if act == "jumprelu":
-            return _JumpReLU.apply(pre_BS, self.log_threshold.exp(), self.cfg.bandwidth)
-        return self._batchtopk(pre_BS)
-
-    def _batchtopk(self, pre_BS: Tensor) -> Tensor:
-        """Training: keep the k*B largest activations of the whole batch (Bussmann et al. 2024).
-        Inference: a learned threshold, so each example is encoded on its own."""
+            return JumpReLU.apply(pre_BS, self.log_threshold.exp(), self.cfg.bandwidth)
         if not self.training:
+            # BatchTopK at inference: a learned threshold, so each example is encoded on its own.
             thr = torch.nan_to_num(self.threshold, nan=0.0)
             return torch.where(pre_BS > thr, pre_BS, torch.zeros_like(pre_BS))
-        pos_BS = pre_BS.relu()
-        n_keep = min(self.cfg.k * pos_BS.shape[0], pos_BS.numel())
-        vals, idx = pos_BS.flatten().topk(n_keep, sorted=False)
-        f_BS = torch.zeros_like(pos_BS).flatten().scatter(0, idx, vals).view_as(pos_BS)
-        with torch.no_grad():
-            # The threshold estimate is the smallest kept positive activation, averaged (EMA).
-            kept = torch.where(vals > 0, vals, torch.full_like(vals, float("inf")))
-            smallest = kept.min().float()
-            m, old = self.cfg.threshold_momentum, self.threshold
-            new = torch.where(old.isnan(), smallest, (1 - m) * old + m * smallest)
-            # Branch-free (no host sync, compilable): a batch with nothing positive keeps the old.
-            self.threshold.copy_(torch.where(torch.isfinite(smallest), new, old))
-        return f_BS
+        # Training: keep the k*B largest activations of the whole batch (Bussmann et al. 2024).
+        vals_N, rows_N, cols_N = sparse.topk_batch(
+            pre_BS, self._n_keep(len(pre_BS)), 4 * self.cfg.k
+        )
+        self._update_threshold(vals_N)
+        return Latents(tuple(pre_BS.shape), vals_N.clamp_min(0), rows_N, cols_N).dense()
+
+    def _n_keep(self, B: int) -> int:
+        return min(self.cfg.k * B, B * self.cfg.d_sae)
+
+    @torch.no_grad()
+    def _update_threshold(self, vals_N: Tensor) -> None:
+        """The inference threshold: EMA of the smallest kept positive activation per batch."""
+        kept = torch.where(vals_N > 0, vals_N, torch.full_like(vals_N, float("inf")))
+        smallest = kept.min().float()
+        m, old = self.cfg.threshold_momentum, self.threshold
+        new = torch.where(old.isnan(), smallest, (1 - m) * old + m * smallest)
+        # Branch-free (no host sync): a batch with nothing positive keeps the old value.
+        self.threshold.copy_(torch.where(torch.isfinite(smallest), new, old))
 
     def encode(self, x_BD: Tensor) -> Tensor:
         """Latent activations [B, S] of raw activations [B, D]."""
@@ -327,96 +310,118 @@ class SAE(nn.Module):
         self, x_BD: Tensor, sparsity_scale: float | Tensor = 1.0, may_be_dead: bool = True
     ) -> Output:
         """Encode, decode and compute losses; `sparsity_scale` is the warmup factor in [0, 1].
-        `may_be_dead=False` (fewer than dead_after_tokens tokens trained) skips AuxK's top-k."""
+        `may_be_dead=False` (fewer than dead_after_tokens tokens trained) skips AuxK."""
         x_norm_BD = self.normalize(x_BD)
+        act = self.cfg.activation
+        if act == "topk" or (act == "batchtopk" and self.training):
+            return self._sparse_forward(x_norm_BD, may_be_dead)
         pre_BS = self.pre_acts(x_norm_BD)
-        if self.cfg.activation == "topk" and not self.cfg.matryoshka:
-            f_BS, x_hat_BD = self._topk_sparse_decode(pre_BS)
-        else:
-            f_BS, x_hat_BD = self.activate(pre_BS), None
-        return self.losses(
-            x_norm_BD, pre_BS, f_BS, sparsity_scale, x_hat_BD=x_hat_BD, may_be_dead=may_be_dead
-        )
+        latents = Latents.from_dense(self.activate(pre_BS))
+        return self.losses(x_norm_BD, latents, sparsity_scale, pre_BS=pre_BS)
 
-    def _topk_sparse_decode(self, pre_BS: Tensor) -> tuple[Tensor, Tensor]:
-        """TopK latents and their normalized-space reconstruction from only the k active decoder
-        rows: B*k*D work instead of B*S*D for the decoder's forward and both its gradients (the
-        sparse decoder of Gao et al. 2024, sec. 5.3, here as `embedding_bag`)."""
-        vals_BK, idx_BK = pre_BS.topk(self.cfg.k, dim=-1, sorted=False)
-        vals_BK = vals_BK.relu()
-        f_BS = torch.zeros_like(pre_BS).scatter(-1, idx_BK, vals_BK)
-        W_dec = self.W_dec
-        x_hat_BD = nn.functional.embedding_bag(
-            idx_BK, W_dec, per_sample_weights=vals_BK.to(W_dec.dtype), mode="sum"
-        )
-        return f_BS, x_hat_BD + self.b_dec
+    def _sparse_forward(self, x_BD: Tensor, may_be_dead: bool) -> Output:
+        """TopK family: one dense encoder product, then only the selected entries (saev.sparse):
+        the decoder reads k rows per example, the backward writes only the selected latents'
+        encoder columns; AuxK reads only the dead latents' columns."""
+        cfg = self.cfg
+        B, S = x_BD.shape[0], cfg.d_sae
+        dead_M = None
+        if self.training and cfg.aux_k > 0 and may_be_dead:
+            # One host sync: AuxK is skipped outright when nothing is dead.
+            dead_M = (self.tokens_since_fired >= cfg.dead_after_tokens).nonzero().squeeze(1)
+            dead_M = dead_M if len(dead_M) else None
+
+        def select(pre_BS: Tensor) -> list:
+            if cfg.activation == "topk":
+                groups = [sparse.topk_rows(pre_BS, cfg.k)]
+            else:
+                # Rows of a batch share k*B slots; 4k candidates per row cover all but rare rows.
+                groups = [sparse.topk_batch(pre_BS, self._n_keep(B), 4 * cfg.k)]
+            if dead_M is not None:
+                groups.append(sparse.topk_among(pre_BS, dead_M, cfg.aux_k))
+            return groups
+
+        groups = sparse.sparse_encode(x_BD, self.W_enc, self.b_enc, self.b_dec, select)
+        latents = Latents((B, S), *groups[0])
+        if cfg.activation == "batchtopk":
+            self._update_threshold(latents.vals_N.detach())
+        aux = None
+        if dead_M is not None:
+            aux = (Latents((B, S), *groups[1]), len(dead_M))
+        return self.losses(x_BD, latents, aux=aux)
 
     # -- losses --------------------------------------------------------------------------------
     def losses(
         self,
         x_BD: Tensor,
-        pre_BS: Tensor,
-        f_BS: Tensor,
+        latents: Latents,
         sparsity_scale=1.0,
-        x_hat_BD: Tensor | None = None,
-        may_be_dead: bool = True,
+        pre_BS: Tensor | None = None,
+        aux: tuple[Latents, int] | None = None,
     ) -> Output:
-        """Losses of normalized inputs given their pre-activations and latents (x_hat_BD, in
-        normalized space, may be passed in when already computed for the whole dictionary)."""
+        """Losses of normalized inputs given their latents (`pre_BS`, the pre-activations, for
+        JumpReLU's L0; `aux`, AuxK's dead-latent entries and the number of dead latents)."""
         cfg = self.cfg
         if cfg.matryoshka:
-            x_hat_BD, mse = self._matryoshka_mse(x_BD, f_BS)
+            x_hat_BD, mse = self._matryoshka_mse(x_BD, latents)
         else:
-            if x_hat_BD is None:
-                x_hat_BD = f_BS @ self.W_dec + self.b_dec
-            mse = (x_hat_BD - x_BD).pow(2).mean()
+            x_hat_BD = self._decode_norm(latents) + self.b_dec
+            mse = _sq_error(x_hat_BD, x_BD)
         zero = mse.new_zeros(())
         sparsity = zero
         if cfg.activation == "relu":
+            f_BS = latents.dense()
             w_S = self.W_dec.norm(dim=-1) if cfg.l1_decoder_norm else None
             l1_B = f_BS.sum(-1) if w_S is None else f_BS @ w_S
             sparsity = cfg.sparsity_coeff * sparsity_scale * l1_B.mean()
         elif cfg.activation == "jumprelu":
-            l0_BS = _Step.apply(pre_BS, self.log_threshold.exp(), cfg.bandwidth)
+            l0_BS = Step.apply(pre_BS, self.log_threshold.exp(), cfg.bandwidth)
             sparsity = cfg.sparsity_coeff * sparsity_scale * l0_BS.sum(-1).mean()
-        aux = zero
+        aux_loss = zero
         if self.training:
-            if cfg.activation in TOPK_FAMILY and cfg.aux_k > 0 and may_be_dead:
-                aux = self._auxk(x_BD - x_hat_BD, pre_BS)
-            self._update_fired(f_BS)
-        loss = mse + sparsity + aux
-        return Output(self.denormalize(x_hat_BD), f_BS, loss, mse, sparsity, aux)
+            if aux is not None:
+                aux_loss = self._auxk(x_BD - x_hat_BD, *aux)
+            self._update_fired(latents)
+        loss = mse + sparsity + aux_loss
+        return Output(self.denormalize(x_hat_BD), latents, loss, mse, sparsity, aux_loss)
 
-    def _matryoshka_mse(self, x_BD: Tensor, f_BS: Tensor) -> tuple[Tensor, Tensor]:
+    def _decode_norm(self, latents: Latents, vals_N: Tensor | None = None) -> Tensor:
+        """Normalized-space latents @ W_dec (no b_dec): sparse when the latents are."""
+        if latents.is_sparse:
+            return sparse.sparse_decode(latents, self.W_dec, vals_N)
+        return latents.dense() @ self.W_dec
+
+    def _matryoshka_mse(self, x_BD: Tensor, latents: Latents) -> tuple[Tensor, Tensor]:
         """Each nested prefix of the dictionary reconstructs the input on its own (Bussmann et al.
         2025); the prefix losses are averaged so lr and coefficients keep their scale."""
         x_hat_BD = self.b_dec.expand_as(x_BD)
         total, start = 0.0, 0
         sizes = self.cfg.prefix_sizes
         for end in sizes:
-            x_hat_BD = x_hat_BD + f_BS[:, start:end] @ self.W_dec[start:end]
-            total = total + (x_hat_BD - x_BD).pow(2).mean()
+            if latents.is_sparse:
+                cols_N = latents.cols_N
+                part_N = latents.vals_N * ((cols_N >= start) & (cols_N < end))
+                x_hat_BD = x_hat_BD + self._decode_norm(latents, part_N)
+            else:
+                x_hat_BD = x_hat_BD + latents.dense()[:, start:end] @ self.W_dec[start:end]
+            total = total + _sq_error(x_hat_BD, x_BD)
             start = end
         return x_hat_BD, total / len(sizes)
 
-    def _auxk(self, e_BD: Tensor, pre_BS: Tensor) -> Tensor:
+    def _auxk(self, e_BD: Tensor, aux: Latents, n_dead: int) -> Tensor:
         """AuxK: the top-k_aux dead latents reconstruct the main residual (Gao et al. 2024, sec.
-        A.2, k_aux=512, alpha=1/32). Scaled down when fewer than k_aux latents are dead; no host
-        sync, so it stays compilable."""
+        A.2, k_aux=512, alpha=1/32), scaled down when fewer than k_aux latents are dead."""
         k_aux = min(self.cfg.aux_k, self.cfg.d_sae)
-        dead_S = self.tokens_since_fired >= self.cfg.dead_after_tokens
-        pre_dead_BS = pre_BS.masked_fill(~dead_S, float("-inf"))
-        f_aux_BS = _scatter_topk(pre_dead_BS, k_aux).nan_to_num(0.0)
         e_BD = e_BD.detach()
-        e_hat_BD = f_aux_BS @ self.W_dec
+        e_hat_BD = self._decode_norm(aux)
         var = (e_BD - e_BD.mean(0)).pow(2).mean().clamp_min(1e-12)
-        scale = (dead_S.sum().float() / k_aux).clamp(max=1.0)
-        return self.cfg.aux_coeff * scale * (e_hat_BD - e_BD).pow(2).mean() / var
+        scale = min(n_dead / k_aux, 1.0)
+        return self.cfg.aux_coeff * scale * _sq_error(e_hat_BD, e_BD) / var
 
     @torch.no_grad()
-    def _update_fired(self, f_BS: Tensor) -> None:
-        fired_S = (f_BS > 0).any(0)
-        grown = self.tokens_since_fired + f_BS.shape[0]
+    def _update_fired(self, latents: Latents) -> None:
+        fired_S = latents.fired_S()
+        grown = self.tokens_since_fired + latents.shape[0]
         self.tokens_since_fired.copy_(torch.where(fired_S, torch.zeros_like(grown), grown))
 
     # -- training-time constraints -------------------------------------------------------------
@@ -432,7 +437,8 @@ class SAE(nn.Module):
         """Drop the part of each decoder row's gradient that would only change its norm."""
         if self.cfg.normalize_decoder and self.W_dec.grad is not None:
             W, g = self.W_dec, self.W_dec.grad
-            g -= (g * W).sum(-1, keepdim=True) * W
+            # In place, without an [S, D] temporary: g -= <g, W> W per row.
+            g.addcmul_(torch.linalg.vecdot(g, W).unsqueeze(-1), W, value=-1)
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:

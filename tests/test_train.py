@@ -148,7 +148,7 @@ def test_normalization_changes_what_the_sae_sees(shard_root, tmp_path):
         "sae.k=3",
         "n_train=1280",
     ]
-    plain = run_api(base + ["run_id=plain"]) / "00-topk"
+    plain = run_api(base + ["run_id=plain", "data.scale_norm=false"]) / "00-topk"
     scaled = (
         run_api(base + ["run_id=scaled", "data.scale_mean=true", "data.scale_norm=true"])
         / "00-topk"
@@ -169,7 +169,8 @@ def test_normalization_changes_what_the_sae_sees(shard_root, tmp_path):
 
 def test_sparsity_and_lr_warmup_are_logged(shard_root, tmp_path):
     base = common(shard_root, tmp_path) + ["sae=relu", "sae.exp_factor=2", "n_train=2560"]
-    run = run_api(base + ["sae.sparsity_warmup_steps=40", "lr_warmup_steps=40", "log_every=5"])
+    warm = ["sae.sparsity_warmup_steps=40", "lr_warmup_steps=40", "log_every=5"]
+    run = run_api(base + warm + ["sae.sparsity_coeff=4e-4"])
     rows = [r.split(",") for r in (run / "00-relu" / "metrics.csv").read_text().splitlines()[1:]]
     coeff = {int(s): float(v) for s, k, v in rows if k == "train/sparsity_coeff"}
     lr = {int(s): float(v) for s, k, v in rows if k == "train/lr"}
@@ -254,7 +255,7 @@ def test_recovery_of_true_features(tmp_path):
     kinds = {
         "topk": ["sae=topk", "sae.k=3", *aux],
         "batchtopk": ["sae=batchtopk", "sae.k=3", *aux],
-        "relu": ["sae=relu", "sae.sparsity_coeff=3e-3", "sae.sparsity_warmup_steps=100"],
+        "relu": ["sae=relu", "sae.sparsity_coeff=1.0", "sae.sparsity_warmup_steps=100"],
     }
     cfgs = [dataclasses.replace(configs(data + width + o), name=n) for n, o in kinds.items()]
     run_dir = training.train(cfgs)

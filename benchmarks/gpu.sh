@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU figures of issue 10, in one run of under 8 minutes on one CUDA GPU:
+#   1. pytest -m gpu (the tests that need CUDA);
+#   2. SAE-activations/s of the training step for 1 and 8 ReLU SAEs and for TopK k=32 (d_model
+#      1024, d_sae 16384, batch 16384, bf16-mixed, torch.compile), each beside the bf16 matmul
+#      floor measured in the same process;
+#   3. the shuffled loader's bandwidth into the GPU;
+#   4. recording against the bare ViT forward pass.
+#
+#     bash benchmarks/gpu.sh            # DEVICE=cpu bash benchmarks/gpu.sh: same commands on CPU
+#
+# Every command takes --device, so on CPU only the device differs (CPU runs use smaller sizes
+# only if SIZES=small). Written without a GPU: it has been run on CPU, never yet on a GPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+DEVICE=${DEVICE:-cuda}
+if [[ ${SIZES:-full} == small ]]; then
+    SAE=(--d-model 256 --d-sae 2048 --batch 2048)
+    LOADER=(--gb 0.2 --d-model 256 --batch-size 4096)
+else
+    SAE=(--d-model 1024 --d-sae 16384 --batch 16384)
+    LOADER=(--gb 2 --d-model 768 --batch-size 16384)
+fi
+STEP=(--device "$DEVICE" "${SAE[@]}" --precision bf16-mixed --compile --repeats 1 --steps 10 --warmup 3)
+t0=$SECONDS
+echo "== pytest -m gpu"
+$PY -m pytest -m gpu -q -p no:cacheprovider || [[ $? == 5 ]]  # 5: none collected (no GPU tests)
+echo "== SAE training step (bf16-mixed, compiled)"
+timeout 200 $PY benchmarks/train.py "${STEP[@]}" --kinds relu --n-saes 1 8 --skip sparsify
+timeout 120 $PY benchmarks/train.py "${STEP[@]}" --kinds topk --n-saes 1 --skip sparsify
+echo "== loader into $DEVICE"
+timeout 90 $PY benchmarks/loader.py --device "$DEVICE" "${LOADER[@]}" --dtypes float32 --passes 1
+echo "== recording against the bare forward pass"
+timeout 60 $PY benchmarks/record.py --device "$DEVICE" --repeats 2
+echo "gpu.sh done in $((SECONDS - t0)) s"

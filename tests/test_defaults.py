@@ -1,0 +1,67 @@
+"""Defaults that learn: the learning-rate rule in the width, recorded where the run is recorded;
+and (slow) the recovery benchmark's defaults case."""
+
+import dataclasses
+import json
+import pathlib
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from saev import synthetic, train_config, training
+from saev.train_config import default_lr
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+train_config.register()
+
+
+def test_default_lr_rule():
+    assert default_lr(2**14) == pytest.approx(2e-3)
+    assert default_lr(2048) == pytest.approx(2e-3 * 8**0.5)
+    assert default_lr(2**16) == pytest.approx(1e-3)
+
+
+def test_default_lr_is_resolved_recorded_and_used(tmp_path):
+    torch.set_num_threads(1)
+    cfg = synthetic.SyntheticConfig(
+        d_model=16, n_features=32, active=3, n_examples=32, n_patches=16, examples_per_shard=32
+    )
+    root = synthetic.write(tmp_path / "shards", cfg)
+    common = [
+        f"data.shard_root={root}", "data.layer=0", "data.batch_size=64", "data.val_fraction=0.125",
+        "data.buffer_mb=4", "data.n_workers=1", "n_train=640", f"runs_root={tmp_path}",
+        "lr_warmup_steps=2", "log_every=5", "wandb.enabled=false", "sae=topk", "sae.k=3",
+    ]  # fmt: skip
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
+        ruled = OmegaConf.to_object(compose("train", overrides=[*common, "sae.exp_factor=2"]))
+        given = OmegaConf.to_object(
+            compose("train", overrides=[*common, "sae.d_sae=64", "lr=1e-3"])
+        )
+    assert ruled.lr is None  # d_sae is known only once the shards give d_model
+    named = lambda c, n: dataclasses.replace(c, name=n)
+    run = training.train([named(ruled, "ruled"), named(given, "given")])
+    job = {c["name"]: c for c in json.loads((run / "job.json").read_text())}
+    assert job["ruled"]["lr"] == pytest.approx(default_lr(32))
+    assert job["given"]["lr"] == 1e-3  # an explicit lr wins
+    config = json.loads((run / "ruled" / "config.json").read_text())
+    assert config["train"]["lr"] == pytest.approx(default_lr(32))
+    rows = [r.split(",") for r in (run / "ruled" / "metrics.csv").read_text().splitlines()[1:]]
+    lrs = [float(v) for _, k, v in rows if k == "train/lr"]
+    assert lrs[-1] == pytest.approx(default_lr(32))
+
+
+@pytest.mark.slow
+def test_recovery_benchmark_defaults_case(tmp_path):
+    """Every kind with conf/'s defaults (only width and k or the sparsity coefficient set)
+    recovers >= 90% of the true features in 768k tokens (benchmarks/recovery.py --defaults)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import recovery
+
+    argv = ["recovery.py", "--defaults", "--dump-to", str(tmp_path / "d"), "--runs-root"]
+    sys.argv = [*argv, str(tmp_path / "r")]
+    args = recovery.parse_args()
+    for name, got in recovery.run(args).items():
+        assert got["recovered"] >= 0.9, (name, got)
