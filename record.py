@@ -6,13 +6,14 @@ The last line printed to stdout is the shard directory.
 """
 
 import os
+import pathlib
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
 import saev.record_config  # noqa: F401  (registers the config schemas)
-from saev import recording
+from saev import cli, recording
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="record")
@@ -22,10 +23,13 @@ def main(cfg: DictConfig) -> None:
     except recording.USER_ERRORS as err:
         if cfg.get("debug") or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        cli.fail(str(err))
     print(shard_dir)
 
 
 if __name__ == "__main__":
+    conf_dir = pathlib.Path(__file__).parent / "conf"
+    if {"--help", "-h"} & set(sys.argv[1:]):
+        recording.print_help(conf_dir)
+    cli.check_command_line(sys.argv[1:], conf_dir, "record")
     main()

@@ -10,7 +10,7 @@ import sys
 
 import hydra
 
-from saev import sweep, sweep_job, train_config, training
+from saev import cli, sweep_job, train_config, training
 
 train_config.register()
 
@@ -25,6 +25,8 @@ def main(cfg) -> None:
 
 if __name__ == "__main__":
     conf_dir = pathlib.Path(__file__).parent / "conf"
+    if {"--help", "-h"} & set(sys.argv[1:]):
+        training.print_help(conf_dir)
     training.check_sae_choices(sys.argv[1:], conf_dir)
-    sweep.check_command_line(sys.argv[1:], conf_dir)
+    cli.check_command_line(sys.argv[1:], conf_dir, "train")
     main()

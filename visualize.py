@@ -6,11 +6,14 @@
 The last line printed is the output directory (`index.html`, `metrics.json`; or `pareto.png`).
 """
 
+import pathlib
+import sys
+
 import hydra
 from omegaconf import OmegaConf
 
-from saev import training, visuals
-from saev.visualize_config import register
+from saev import cli, training, visuals
+from saev.visualize_config import VisualizeConfig, register
 
 register()
 
@@ -21,4 +24,15 @@ def main(cfg) -> None:
 
 
 if __name__ == "__main__":
+    conf_dir = pathlib.Path(__file__).parent / "conf"
+    if {"--help", "-h"} & set(sys.argv[1:]):
+        cli.print_help(
+            """
+usage: python visualize.py ckpt=<sae dir> [data.shard_root=... data.layer=...] [key=value ...]
+       python visualize.py sweep=<sweep or runs dir>     L0 vs normalized MSE of every SAE
+       the last line printed is the output directory (index.html, metrics.json; pareto.png)""",
+            {},
+            [("Options", cli.options(VisualizeConfig))],
+        )
+    cli.check_command_line(sys.argv[1:], conf_dir, "visualize")
     main()

@@ -129,13 +129,28 @@ def mark_front(points: list[Point]) -> None:
 
 
 def swept_keys(points: list[Point]) -> list[str]:
-    """Train settings whose values differ across the points."""
+    """Train settings whose values differ across the points, less the SAE settings that only
+    follow the kind (sae.k exists for topk, sae.sparsity_coeff for relu: the legend says that)."""
     keys = sorted({k for p in points for k in p.settings} - BOOKKEEPING)
-    return [k for k in keys if len({repr(p.settings.get(k)) for p in points}) > 1]
+
+    def varies(k: str, among: list[Point]) -> bool:
+        return len({repr(p.settings.get(k)) for p in among}) > 1
+
+    by_kind = [[p for p in points if p.kind == kind] for kind in {p.kind for p in points}]
+    return [
+        k
+        for k in keys
+        if varies(k, points)
+        and (not k.startswith("sae.") or any(varies(k, mine) for mine in by_kind))
+    ]
 
 
 def label(p: Point, keys: list[str]) -> str:
-    return ", ".join(f"{k}={p.settings.get(k)}" for k in keys) or p.name
+    """`k=8`, `sparsity_coeff=1.0, lr=0.001`: the swept settings this SAE has."""
+    parts = [
+        f"{k.removeprefix('sae.')}={p.settings[k]}" for k in keys if p.settings.get(k) is not None
+    ]
+    return ", ".join(parts) or p.name
 
 
 def write_csv(path: pathlib.Path, points: list[Point], keys: list[str]) -> None:

@@ -23,7 +23,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
-from saev import crops, images, shards
+from saev import cli, crops, images, shards
 from saev.record_config import RecordConfig
 
 
@@ -48,7 +48,29 @@ def main(cfg: DictConfig) -> pathlib.Path:
     return record(config)
 
 
+def print_help(conf_dir: pathlib.Path) -> None:
+    """`python record.py --help`."""
+    from saev.record_config import DATA_SCHEMAS
+
+    sections = [("Options", cli.options(RecordConfig, skip=("data",)))]
+    for name in ("image_folder", "synthetic"):
+        sections.append((f"data={name} options", cli.options(DATA_SCHEMAS[name], "data.")))
+    cli.print_help(
+        """
+usage: python record.py [model=<family>] [data=<dataset>] [key=value ...]
+       with no arguments: the offline demo (a tiny random ViT over synthetic images); the last
+       line printed is the shard directory; the same command again resumes a killed run""",
+        {
+            "model": cli.group_choices(conf_dir, "model"),
+            "data": cli.group_choices(conf_dir, "data") + " (options: conf/data/<name>.yaml)",
+            "hydra/launcher": "basic (default), " + cli.group_choices(conf_dir, "hydra/launcher"),
+        },
+        sections,
+    )
+
+
 def record(cfg: RecordConfig) -> pathlib.Path:
+    cli.quiet()
     dataset = images.build(cfg.data)
     dump_to = _writable(cfg.dump_to)
     # Deferred: importing torch and timm takes seconds, and the checks above should not wait.
@@ -182,7 +204,6 @@ def record_loop(cfg, vit, recorder, dataset, writer, start: int, device) -> None
     """Decode, forward and write every candidate image from `start` on (`benchmarks/record.py`
     times this against the bare forward pass)."""
     import torch
-    from tqdm import tqdm
 
     size = cfg.batch_size
     # Batches always cover [k * size, (k + 1) * size), resumed or not (see the module docstring).
@@ -199,7 +220,7 @@ def record_loop(cfg, vit, recorder, dataset, writer, start: int, device) -> None
         collate_fn=collate,
         pin_memory=device.type == "cuda",
     )
-    bar = tqdm(total=len(dataset), initial=start, unit="img", dynamic_ncols=True, file=sys.stderr)
+    bar = cli.progress(total=len(dataset), initial=start, unit="img")
     skipped: list[str] = []
     # Closing the bar on any exit ends its line, so an error message starts a line of its own.
     with bar, _BackgroundWriter(writer, cfg.dtype) as out:

@@ -22,7 +22,7 @@ import pathlib
 import re
 from collections.abc import Callable
 
-from saev import shards, summary, training
+from saev import shards, summary
 from saev.train_config import PER_SAE_KEYS, TrainConfig, override_value
 
 PLAN_NAME = "sweep.json"
@@ -352,26 +352,3 @@ def finish(plan: Plan, sweep_dir: pathlib.Path, reasons: list[str | None]) -> li
     order = [(j.run_id, s.name) for j in plan.jobs for s in j.saes]
     summary.update(sweep_dir, summary.columns(plan.swept), missing, order)
     return [r for r in summary.read(sweep_dir) if r["status"] != "done"]
-
-
-def check_command_line(argv: list[str], conf_dir: pathlib.Path) -> None:
-    """Fail in one line on what Hydra would reject while composing a multirun's primary config
-    (an unknown key, a value of the wrong type, an empty sweep), before its multi-line report."""
-    args = [a for a in argv if not a.startswith("-")]
-    if not {"-m", "--multirun"} & set(argv) or len(args) + 1 != len(argv):
-        return  # a single run, or flags such as --config-name that this check does not model
-    from hydra import compose, initialize_config_dir
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.core.override_parser.types import ValueType
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    try:
-        overrides = OverridesParser.create().parse_overrides(args)
-        # A glob needs the config loader to expand (the sweeper has it); leave it to the sweeper.
-        overrides = [o for o in overrides if o.value_type != ValueType.GLOB_CHOICE_SWEEP]
-        first = [v[0] for v in axes(overrides).values()]
-        with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
-            compose("train", overrides=first, return_hydra_config=True)
-    except (ValueError, HydraException, OmegaConfBaseException) as err:
-        training._fail(ValueError(one_line(err)))

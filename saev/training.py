@@ -20,12 +20,11 @@ import re
 import secrets
 import sys
 import time
-import warnings
 
 import lightning as L
 import torch
 
-from saev import shards
+from saev import cli, shards
 from saev.data import ShardDataModule
 from saev.module import Member, NonFiniteLossError, SAEModule
 from saev.train_config import PER_SAE_KEYS, TrainConfig, sweep_overrides
@@ -42,15 +41,11 @@ class Progress(L.Callback):
         self.bar = None
 
     def on_train_start(self, trainer, pl_module) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(
+        self.bar = cli.progress(
             total=trainer.max_steps * self.batch_size,
             initial=trainer.global_step * self.batch_size,
             unit="act",
             unit_scale=True,
-            dynamic_ncols=True,
-            file=sys.stderr,
             disable=not trainer.is_global_zero,
         )
 
@@ -419,13 +414,36 @@ def check_sae_choices(argv: list[str], conf_dir: pathlib.Path) -> None:
 
 
 def _fail(err: BaseException) -> None:
-    msg = " ".join(str(err).split("\n")[0].split()) or type(err).__name__
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(1)
+    cli.fail(str(err).split("\n")[0] or type(err).__name__)
+
+
+def print_help(conf_dir: pathlib.Path) -> None:
+    """`python train.py --help`."""
+    from saev.nn import SAEConfig
+    from saev.train_config import TrainConfig
+
+    cli.print_help(
+        """
+usage: python train.py data.shard_root=<shard dir> data.layer=<layer> [sae=<kind>] [key=value ...]
+       python train.py -m key=a,b ...   a sweep: SAEs that can share a data stream share a job
+       (docs/sweeps.md); the last line printed is the run (or sweep) directory""",
+        {
+            "sae": cli.group_choices(conf_dir, "sae"),
+            "+experiment": cli.group_choices(conf_dir, "experiment"),
+            "hydra/launcher": "basic (default: in this process), "
+            + cli.group_choices(conf_dir, "hydra/launcher"),
+        },
+        [
+            ("Options", cli.options(TrainConfig, skip=("sae", "sweep", "members"))),
+            (
+                "SAE options (sae.*; each kind uses some, see conf/sae/)",
+                cli.options(SAEConfig, "sae."),
+            ),
+        ],
+    )
 
 
 torch.set_float32_matmul_precision("high")  # TF32 matmuls on Ampere+; no effect on CPU
 # SeekableLoader repositions the data on resume, so Lightning's "not resumable" warning does not
 # apply; and checkpoints are meant to hold the state after the step.
-warnings.filterwarnings("ignore", message=".*your dataloader is not resumable.*")
-warnings.filterwarnings("ignore", message=".*ModelCheckpoint with manual optimization.*")
+cli.quiet()

@@ -236,9 +236,18 @@ def run_pass(src: Source, cfg: VisualizeConfig, sae, device) -> tuple[LatentSumm
                 f"{src.shard_root} holds d_model={loader.d_model} but the SAE takes "
                 f"{sae.cfg.d_model}."
             )
-        return summarize(sae, loader, cfg.top_k, device)
+        from saev import cli
+
+        with cli.progress(total=len(loader), unit="batch", desc="pass") as bar:
+            return summarize(sae, _counted(loader, bar), cfg.top_k, device)
     finally:
         loader.close()
+
+
+def _counted(batches, bar):
+    for batch in batches:
+        yield batch
+        bar.update()
 
 
 def main(cfg: VisualizeConfig) -> pathlib.Path:

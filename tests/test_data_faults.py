@@ -39,7 +39,7 @@ def test_train_refuses_an_unfinished_recording_up_front(tmp_path):
     cmd = [sys.executable, "train.py", f"data.shard_root={root}", "data.layer=0"]
     cmd += [f"runs_root={tmp_path / 'runs'}", "data.batch_size=8", "n_train=64"]
     res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 1
+    assert res.returncode == 2
     err = res.stderr.strip().splitlines()
     assert len(err) == 1, res.stderr
     assert "has not finished (14 of 20 examples)" in err[0] and "record.py" in err[0]

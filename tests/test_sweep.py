@@ -351,7 +351,7 @@ def test_failing_job_keeps_the_others(shard_root, tmp_path, launcher):
 )
 def test_bad_multirun_is_one_line_before_anything_runs(shard_root, tmp_path, args, message):
     res = multirun([*common(shard_root, tmp_path), *args], timeout=120)
-    assert res.returncode == 1
+    assert res.returncode == 2
     assert res.stderr.startswith(message) and res.stderr.count("\n") == 1, res.stderr
     assert not list(tmp_path.iterdir())
 

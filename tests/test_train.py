@@ -188,7 +188,7 @@ def test_non_finite_loss_stops_naming_sae_and_step(shard_root, tmp_path, capsys)
     bad = dataclasses.replace(cfg, name="bad", lr=1e5, sae=unbounded)
     with pytest.raises(SystemExit) as exc:
         training.run_or_exit(lambda: training.train([ok, bad]))
-    assert exc.value.code == 1
+    assert exc.value.code == 2
     # The progress bar comes first on stderr; the error is the whole last line.
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: non-finite loss for SAE bad at step ")
@@ -215,7 +215,7 @@ def test_bad_input_fails_before_training(shard_root, tmp_path, capsys, override,
     overrides = common(shard_root, tmp_path) + ["sae=topk", "sae.exp_factor=2", override]
     with pytest.raises(SystemExit) as exc:
         training.run_or_exit(lambda: training.train([configs(overrides)]))
-    assert exc.value.code == 1
+    assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err, err
     assert not list(tmp_path.glob("*/checkpoints"))
@@ -231,7 +231,7 @@ def test_cli_error_is_one_line(shard_root, tmp_path):
         "sae.k=1000",
     ]
     res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
-    assert res.returncode == 1
+    assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1] == "error: sae.k=1000 is larger than d_sae=32."
     assert "Traceback" not in res.stderr
 

@@ -41,7 +41,7 @@ def last_line(res) -> pathlib.Path:
 
 
 def one_line_error(res) -> str:
-    assert res.returncode == 1, (res.returncode, res.stderr[-3000:])
+    assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), res.stderr
     return err[0]
@@ -388,7 +388,7 @@ def test_sweep_pareto(tmp_path):
     assert rows["0/run0/a"]["browser"] == ""
     assert (sweep / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     svg = (sweep / "pareto.svg").read_text()
-    assert 'href="0/run0/b/visuals/index.html"' in svg and "sae.k=16" in svg
+    assert 'href="0/run0/b/visuals/index.html"' in svg and "k=16" in svg
 
 
 def test_wandb_runs_map_to_points(tmp_path, monkeypatch):

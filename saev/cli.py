@@ -1,0 +1,192 @@
+"""What the three entry points share about the terminal: output a user can act on, nothing else.
+
+`quiet()` silences third-party chatter that no setting of ours changes (Lightning's hardware
+lines and product tips, a deprecation inside Lightning, the `srun` hint on SLURM login nodes,
+W&B's offline banners); `progress(...)` is a tqdm bar that draws only on a terminal, so logs and
+CI output hold no carriage-return spam.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import warnings
+
+QUIET_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # inside Lightning, with torch 2.14
+    r"The `srun` command is available on your system but is not used.*",  # SLURM login nodes
+    r".*your dataloader is not resumable.*",  # SeekableLoader repositions the data itself
+    r".*ModelCheckpoint with manual optimization.*",  # checkpoints hold the state after the step
+    r"Tight layout not applied.*",  # matplotlib, long Pareto labels: the plot is still complete
+)
+
+
+def quiet() -> None:
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    # "GPU available: ...", "TPU available: ...", "💡 Tip: ..." and "`Trainer.fit` stopped" are
+    # INFO records of these loggers; warnings and errors still show.
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Offline W&B prints a run summary and sync hint per SAE; the run directory says where it is.
+    if os.environ.get("WANDB_MODE", "offline") == "offline":
+        os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def progress(**kw):
+    """A tqdm bar on stderr, drawn only when stderr is a terminal."""
+    from tqdm import tqdm
+
+    kw.setdefault("file", sys.stderr)
+    kw.setdefault("dynamic_ncols", True)
+    if not kw["file"].isatty():
+        kw["disable"] = True
+    return tqdm(**kw)
+
+
+HELP_WIDTH = 100
+"""Columns of a `--help` line: one line per option, cut with '...' past this."""
+USER_ERROR = 2
+"""Exit code of every entry point for a mistake in what the user gave (argparse's convention)."""
+
+
+def fail(message: str) -> None:
+    """Print `error: <message>` as one line on stderr and exit with USER_ERROR."""
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(USER_ERROR)
+
+
+def _flat_keys(node, prefix: str = "") -> list[str]:
+    from omegaconf import DictConfig
+
+    keys = []
+    for key in node.keys() if isinstance(node, DictConfig) else []:
+        path = f"{prefix}{key}"
+        keys.append(path)
+        try:
+            child = node._get_node(key)
+        except Exception:  # an interpolation or a missing value: keep the key itself
+            continue
+        if isinstance(child, DictConfig):
+            keys += _flat_keys(child, path + ".")
+    return keys
+
+
+def _suggestion(err_text: str, conf_dir, config_name: str) -> str:
+    """' (did you mean ...?)' for an unknown key or config-group choice, else ''."""
+    import difflib
+
+    if m := re.search(r"Could not override '([^']+)'", err_text):
+        key = m.group(1)
+        from hydra import compose, initialize_config_dir
+
+        with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+            candidates = _flat_keys(compose(config_name))
+        candidates += [p.name for p in conf_dir.iterdir() if p.is_dir() and p.name != "hydra"]
+    elif m := re.search(r"Could not find '([^']+)/([^'/]+)'", err_text):
+        group, key = m.groups()
+        candidates = [f"{group}={p.stem}" for p in (conf_dir / group).glob("*.yaml")]
+        key = f"{group}={key}"
+    else:
+        return ""
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def check_command_line(argv: list[str], conf_dir, config_name: str) -> None:
+    """Fail in one line, exit USER_ERROR, on what Hydra would reject while composing (an unknown
+    key, naming the nearest known one; a value of the wrong type; an unknown config-group
+    choice), before Hydra's multi-line report. A multirun is checked with each axis's first
+    value; flags this does not model (--cfg, --config-name, ...) skip the check."""
+    import pathlib
+
+    conf_dir = pathlib.Path(conf_dir)
+    multirun = bool({"-m", "--multirun"} & set(argv))
+    args = [a for a in argv if a not in ("-m", "--multirun")]
+    if any(a.startswith("-") for a in args):
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import ValueType
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from saev.sweep import axes, one_line
+
+    try:
+        overrides = OverridesParser.create().parse_overrides(args)
+        if multirun:
+            # A glob needs the config loader to expand (the sweeper has it); leave it to it.
+            overrides = [o for o in overrides if o.value_type != ValueType.GLOB_CHOICE_SWEEP]
+            args = [v[0] for v in axes(overrides).values()]
+        with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
+            compose(config_name, overrides=args, return_hydra_config=True)
+    except (ValueError, HydraException, OmegaConfBaseException) as err:
+        text, hint = one_line(err), _suggestion(str(err), conf_dir, config_name)
+        if hint:  # a typo: the nearest known key, not Hydra's advice to append a new one
+            text = re.sub(r" \(to append to your config use [^)]*\)", "", text)
+        fail(text + hint)
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """The first sentence of each field's docstring (the string literal after it)."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body, docs = tree.body[0].body, {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            if isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+                text = " ".join(str(after.value.value).split())
+                docs[node.target.id] = text.split(". ")[0].rstrip(".")
+    return docs
+
+
+def options(cls, prefix: str = "", skip: tuple[str, ...] = ()) -> list[tuple[str, str, str]]:
+    """(dotted name, default, first sentence of its docstring) of every field of a dataclass
+    schema, nested dataclasses flattened; fields named in `skip` are left out."""
+    import dataclasses
+
+    rows, docs = [], _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        default = f.default
+        if f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        if dataclasses.is_dataclass(default):
+            rows += options(type(default), f"{prefix}{f.name}.")
+            continue
+        shown = "(required)" if default in ("???", dataclasses.MISSING) else repr(default)
+        rows.append((f"{prefix}{f.name}", shown, docs.get(f.name, "")))
+    return rows
+
+
+def group_choices(conf_dir, group: str) -> str:
+    import pathlib
+
+    return ", ".join(sorted(p.stem for p in pathlib.Path(conf_dir, group).glob("*.yaml")))
+
+
+def print_help(usage: str, groups: dict[str, str], sections: list[tuple[str, list]]) -> None:
+    """`--help`: the usage lines, the config groups this entry point uses with their choices,
+    and one line per option (`key=default  what it does`), section by section."""
+    print(usage.strip())
+    if groups:
+        print("\nConfig groups (group=choice):")
+        for group, choices in groups.items():
+            print(f"  {group}: {choices}")
+    for title, rows in sections:
+        print(f"\n{title}:")
+        width = min(40, max(len(f"{n}={d}") for n, d, _ in rows))
+        for name, default, doc in rows:
+            line = f"  {f'{name}={default}':<{width}}  {doc}".rstrip()
+            print(line if len(line) <= HELP_WIDTH else line[: HELP_WIDTH - 3] + "...")
+    sys.exit(0)

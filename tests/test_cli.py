@@ -1,0 +1,66 @@
+"""The three entry points as a newcomer meets them: `--help` lists only what that entry uses, one
+line per option; a misspelled option names the nearest right one; every user error is one line
+with the same exit code."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from saev import cli
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(script: str, *args: str):
+    cmd = [sys.executable, script, *args]
+    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "script, groups, absent, options",
+    [
+        ("train.py", ["sae:", "+experiment:", "hydra/launcher:"], ["model:", "data:"],
+         ["data.shard_root=(required)", "lr=None", "sae.k=None", "trainer.devices=1"]),
+        ("record.py", ["model:", "data:", "hydra/launcher:"], ["sae:", "+experiment:"],
+         ["model.family='tiny'", "layers=[-1]", "data.root=(required)"]),
+        ("visualize.py", [], ["sae:", "model:", "data:"],
+         ["ckpt=None", "top_k=128", "heatmap.opacity=0.6", "include_latents=[]"]),
+    ],
+)  # fmt: skip
+def test_help_lists_only_what_the_entry_uses(script, groups, absent, options):
+    res = run(script, "--help")
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith(f"usage: python {script}")
+    stripped = [line.strip() for line in lines]
+    for group in groups:
+        assert any(s.startswith(group) for s in stripped), group
+    for group in absent:
+        assert not any(s.startswith(group) for s in stripped), group
+    for option in options:
+        assert any(s.startswith(option) for s in stripped), option
+    assert all(len(line) <= cli.HELP_WIDTH for line in lines)
+    assert res.stderr == ""
+
+
+@pytest.mark.parametrize(
+    "script, args, fragment",
+    [
+        ("train.py", ["data.shard_rot=x", "data.layer=0"], "(did you mean data.shard_root?)"),
+        ("train.py", ["-m", "data.shard_root=x", "data.layer=0", "lrr=1,2"], "(did you mean lr?)"),
+        ("record.py", ["model=tinyy"], "(did you mean model=tiny?)"),
+        ("record.py", ["batchsize=8"], "(did you mean batch_size?)"),
+        ("visualize.py", ["ckpt=x", "top_kk=3"], "(did you mean top_k?)"),
+        ("visualize.py", ["ckpt=/nowhere"], "lacks config.json"),
+        ("train.py", ["data.shard_root=/nowhere", "data.layer=0"], "does not exist"),
+    ],
+)
+def test_user_errors_are_one_line_with_one_exit_code(script, args, fragment):
+    res = run(script, *args)
+    assert res.returncode == cli.USER_ERROR
+    err = res.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], res.stderr
