@@ -64,3 +64,32 @@ def test_user_errors_are_one_line_with_one_exit_code(script, args, fragment):
     assert res.returncode == cli.USER_ERROR
     err = res.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and fragment in err[0], res.stderr
+
+
+def test_progress_bars_draw_on_a_terminal_only(tmp_path):
+    """A log file gets no carriage-return spam; a terminal gets the bar."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    args = ["record.py", "data.n_images=16", f"dump_to={tmp_path / 'a'}", "n_workers=0"]
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a real size
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=follower)  # fmt: skip
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed: the process ended
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert proc.wait(timeout=120) == 0
+    os.close(leader)
+    assert b"img/s" in seen
+    res = run(args[0], *args[1:-2], f"dump_to={tmp_path / 'b'}", "n_workers=0")
+    assert res.returncode == 0 and "img/s" not in res.stderr
