@@ -53,6 +53,18 @@ def write_shards(root: pathlib.Path, dtype: str, gb: float, d_model: int) -> pat
     return writer.root
 
 
+def evict(shard_dir: pathlib.Path) -> None:
+    """Drop the shard files' pages from the page cache (no root needed), so the next read comes
+    from the disk, as for shard sets larger than memory."""
+    for path in pathlib.Path(shard_dir).glob("acts*.bin"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def cpu_seconds() -> float:
     """CPU time of this process and its reaped children (the loader's workers), user + system."""
     own, kids = (

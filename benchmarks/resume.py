@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import os
 import pathlib
 import statistics
 import sys
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from loader import write_shards  # noqa: E402
+from loader import evict, write_shards  # noqa: E402
 
 from saev.data import ShuffledLoader  # noqa: E402
 
@@ -36,16 +35,6 @@ def first_batch_seconds(root, batch_size: int, buffer_mb: int, at: float, seek: 
     del it
     loader.close()
     return seconds
-
-
-def evict(root: pathlib.Path) -> None:
-    for path in pathlib.Path(root).glob("acts*.bin"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fdatasync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def main() -> None:

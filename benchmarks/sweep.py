@@ -18,53 +18,21 @@ from __future__ import annotations
 import argparse
 import os
 import pathlib
-import resource
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
-from saev import shards, training
-from saev.data import DataConfig
-from saev.nn import SAEConfig
-from saev.train_config import TrainConfig, WandbConfig
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from loader import N_PATCHES, cpu_seconds, evict, write_shards  # noqa: E402
 
-N_PATCHES = 196  # ViT-B/16 at 224 px
-
-
-def write_shards(root: pathlib.Path, gb: float, d_model: int) -> pathlib.Path:
-    """Random float32 shards of about `gb` GB, written once and reused."""
-    bytes_per_example = N_PATCHES * d_model * 4
-    n_examples = int(gb * 1e9 // bytes_per_example)
-    md = shards.Metadata(
-        model={"family": "benchmark", "ckpt": "random"}, layers=(0,), cls_token=False,
-        n_patches_per_example=N_PATCHES, d_model=d_model, dtype="float32",
-        n_examples=n_examples, examples_per_shard=512, data={"name": "random-normal", "gb": gb},
-    )  # fmt: skip
-    writer = shards.ShardWriter(root, md)
-    if not writer.complete:
-        print(f"writing {n_examples} examples ({n_examples * bytes_per_example / 1e9:.2f} GB)")
-        rng = np.random.default_rng(0)
-        for start in range(writer.n_done, n_examples, 64):
-            n = min(64, n_examples - start)
-            acts = rng.standard_normal((n, 1, N_PATCHES, d_model), dtype=np.float32)
-            writer.add(acts, [{"index": i} for i in range(start, start + n)])
-    writer.close()
-    return writer.root
-
-
-def evict(shard_dir: pathlib.Path) -> None:
-    """Drop the shard files' pages from the page cache, so the next read comes from disk."""
-    for path in shard_dir.glob("acts*.bin"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+from saev import shards, training  # noqa: E402
+from saev.data import DataConfig  # noqa: E402
+from saev.nn import SAEConfig  # noqa: E402
+from saev.train_config import TrainConfig, WandbConfig  # noqa: E402
 
 
 def configs(args, shard_dir: pathlib.Path, runs_root: pathlib.Path, n: int) -> list[TrainConfig]:
@@ -96,12 +64,6 @@ def configs(args, shard_dir: pathlib.Path, runs_root: pathlib.Path, n: int) -> l
 
 def shard_tokens(shard_dir: pathlib.Path) -> int:
     return shards.open_shards(shard_dir).metadata.n_examples * N_PATCHES
-
-
-def cpu_seconds() -> float:
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def run(args, shard_dir: pathlib.Path, n: int) -> tuple[float, float]:
@@ -139,7 +101,7 @@ def main() -> None:
     parser.add_argument("--cold", action="store_true", help="evict the shards before each run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    shard_dir = write_shards(pathlib.Path(args.root), args.gb, args.d_model)
+    shard_dir = write_shards(pathlib.Path(args.root), "float32", args.gb, args.d_model)
     size_gb = sum(p.stat().st_size for p in shard_dir.glob("acts*.bin")) / 1e9
     ram = mem_total_gb()
     fits = "fit in" if size_gb < 0.8 * ram else "exceed"

@@ -20,6 +20,7 @@ QUIET_WARNINGS = (
     r".*your dataloader is not resumable.*",  # SeekableLoader repositions the data itself
     r".*ModelCheckpoint with manual optimization.*",  # checkpoints hold the state after the step
     r"Tight layout not applied.*",  # matplotlib, long Pareto labels: the plot is still complete
+    r"You defined a `validation_step` but have no `val_dataloader`.*",  # data.val_fraction=0
 )
 
 

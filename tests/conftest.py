@@ -6,7 +6,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+import pathlib  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shard_root(tmp_path_factory) -> pathlib.Path:
+    """Tiny synthetic shards with a known dictionary (16-d, 160 examples x 16 patches), shared by
+    the training, sweep, resume and DDP tests of a module."""
+    from saev import synthetic
+
+    cfg = synthetic.SyntheticConfig(
+        d_model=16, n_features=32, active=3, noise=0.01, offset=3.0, n_examples=160, n_patches=16,
+        examples_per_shard=64,
+    )  # fmt: skip
+    return synthetic.write(tmp_path_factory.mktemp("shards"), cfg)
 
 
 def pytest_collection_modifyitems(config, items):

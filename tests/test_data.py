@@ -273,17 +273,22 @@ def test_norm_stats_are_cached_next_to_shards(tmp_path, monkeypatch):
         ShardDataModule(cfg_for(root, scale_mean=True, tokens="all")).setup("fit")
 
 
-def test_norm_stats_fall_back_to_cache_dir_when_read_only(tmp_path, monkeypatch, caplog):
-    monkeypatch.setenv("SAEV_CACHE", str(tmp_path / "cache"))
-    root, _ = make_shards(tmp_path)
+def make_read_only(root, monkeypatch) -> None:
+    """Statistics cannot be written under `root` (tests run as root: chmod would not stop it)."""
     real = normalization._write_json
 
-    def read_only(path, obj):  # tests run as root, so chmod would not stop writes
+    def read_only(path, obj):
         if str(path).startswith(str(root)):
             raise PermissionError(13, "Permission denied")
         real(path, obj)
 
     monkeypatch.setattr(normalization, "_write_json", read_only)
+
+
+def test_norm_stats_fall_back_to_cache_dir_when_read_only(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("SAEV_CACHE", str(tmp_path / "cache"))
+    root, _ = make_shards(tmp_path)
+    make_read_only(root, monkeypatch)
     dm = ShardDataModule(cfg_for(root, scale_norm=True))
     dm.setup("fit")
     assert not (root / "norm-stats").exists()

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_data import cfg_for
+from test_data import cfg_for, make_read_only
 from test_loaders import make_shards
 
 from saev import normalization, shards
@@ -86,14 +86,7 @@ def test_norm_stats_are_recomputed_when_the_shards_change_in_place(tmp_path, mon
 def test_path_keyed_fallback_does_not_reuse_another_directory_s_stats(tmp_path, monkeypatch):
     monkeypatch.setenv("SAEV_CACHE", str(tmp_path / "cache"))
     root, _ = make_shards(tmp_path)
-    real = normalization._write_json
-
-    def read_only(path, obj):  # tests run as root, so chmod would not stop writes
-        if str(path).startswith(str(root)):
-            raise PermissionError(13, "Permission denied")
-        real(path, obj)
-
-    monkeypatch.setattr(normalization, "_write_json", read_only)
+    make_read_only(root, monkeypatch)
     old = stats_of(root)
     assert list((tmp_path / "cache").rglob("*.json"))  # cached by path in the fallback
     rerecord_in_place(root, seed=2)  # another dataset now lives at the same path

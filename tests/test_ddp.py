@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import safetensors.torch
-from test_train import ENV, ROOT, common, shard_root  # noqa: F401 (fixture)
+from test_train import ENV, ROOT, common
 
 SAES = "sweep={sae: [topk, relu]}"
 DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
@@ -38,7 +38,7 @@ def max_relative_difference(a: pathlib.Path, b: pathlib.Path) -> float:
 
 
 @pytest.fixture(scope="module")
-def one_process(shard_root, tmp_path_factory):  # noqa: F811
+def one_process(shard_root, tmp_path_factory):
     runs = tmp_path_factory.mktemp("one")
     return train_cli(
         common(shard_root, runs) + ["sae.exp_factor=2", "run_id=one", SAES, "wandb.enabled=false"]
@@ -46,7 +46,7 @@ def one_process(shard_root, tmp_path_factory):  # noqa: F811
 
 
 @pytest.mark.slow
-def test_ddp_run_ends_where_one_process_ends(shard_root, one_process, tmp_path):  # noqa: F811
+def test_ddp_run_ends_where_one_process_ends(shard_root, one_process, tmp_path):
     run = train_cli(common(shard_root, tmp_path) + ["sae.exp_factor=2", SAES, *DDP])
     assert [p.name for p in tmp_path.iterdir()] == [run.name]  # one run directory
     assert sorted(p.name for p in run.iterdir() if p.is_dir()) == [
@@ -57,7 +57,7 @@ def test_ddp_run_ends_where_one_process_ends(shard_root, one_process, tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_resume_with_run_id_and_ckpt_path_last(shard_root, one_process, tmp_path):  # noqa: F811
+def test_ddp_resume_with_run_id_and_ckpt_path_last(shard_root, one_process, tmp_path):
     base = common(shard_root, tmp_path) + ["sae.exp_factor=2", SAES, *DDP, "wandb.enabled=false"]
     base += ["run_id=cut", "ckpt_every=5"]
     train_cli(base + ["n_train=3200"])  # stops at step 25 of 60, mid-epoch
@@ -69,7 +69,7 @@ def test_ddp_resume_with_run_id_and_ckpt_path_last(shard_root, one_process, tmp_
 
 
 @pytest.mark.slow
-def test_ddp_with_dropped_nonfinite_rows_finishes(shard_root, tmp_path):  # noqa: F811
+def test_ddp_with_dropped_nonfinite_rows_finishes(shard_root, tmp_path):
     """Ranks that drop different numbers of NaN rows still take the same number of steps (a
     rank with fewer batches would leave the other waiting forever at the end)."""
     poisoned = tmp_path / "shards"
@@ -86,7 +86,7 @@ def test_ddp_with_dropped_nonfinite_rows_finishes(shard_root, tmp_path):  # noqa
 
 
 @pytest.mark.slow
-def test_ddp_inside_a_sweep_job(shard_root, tmp_path):  # noqa: F811
+def test_ddp_inside_a_sweep_job(shard_root, tmp_path):
     """Lightning starts the other rank by re-running the program: it must re-run this job (in
     the job's run directory), not the whole multirun."""
     args = ["-m", *common(shard_root, tmp_path), "sae=topk,relu", "sae.exp_factor=2", *DDP]

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from test_train import ENV, ROOT, common, configs, run_api, shard_root  # noqa: F401 (fixture)
+from test_train import ENV, ROOT, common, configs, run_api
 
 from saev import training
 
@@ -23,7 +23,7 @@ def rows(path: pathlib.Path) -> list[tuple[int, str]]:
 
 
 @pytest.mark.slow
-def test_kill_after_checkpoint_then_resume_logs_each_step_once(shard_root, tmp_path):  # noqa: F811
+def test_kill_after_checkpoint_then_resume_logs_each_step_once(shard_root, tmp_path):
     base = common(shard_root, tmp_path) + ["sae=relu", "sae.exp_factor=2", "log_every=2"]
     base += ["ckpt_every=20", "run_id=cut"]
     long = ["n_train=2_000_000", "wandb.enabled=false"]
@@ -55,7 +55,7 @@ def test_kill_after_checkpoint_then_resume_logs_each_step_once(shard_root, tmp_p
     assert steps == list(range(2, end + 1, 2))
 
 
-def test_wandb_records_carry_the_trainer_step(shard_root, tmp_path, monkeypatch):  # noqa: F811
+def test_wandb_records_carry_the_trainer_step(shard_root, tmp_path, monkeypatch):
     import wandb
 
     logged = []

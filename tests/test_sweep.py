@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from saev import summary, sweep, synthetic, train_config, training
+from saev import summary, sweep, train_config, training
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {
@@ -231,15 +231,6 @@ def test_sweeper_fills_rows_of_jobs_that_wrote_none(composer, tmp_path):
 
 
 # ----------------------------------------------------------------------------- end to end
-
-
-@pytest.fixture(scope="module")
-def shard_root(tmp_path_factory) -> pathlib.Path:
-    cfg = synthetic.SyntheticConfig(
-        d_model=16, n_features=32, active=3, noise=0.01, offset=3.0, n_examples=160, n_patches=16,
-        examples_per_shard=64,
-    )  # fmt: skip
-    return synthetic.write(tmp_path_factory.mktemp("shards"), cfg)
 
 
 def common(shard_root, runs_root, n_train=2560) -> list[str]:

@@ -37,15 +37,6 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-@pytest.fixture(scope="module")
-def shard_root(tmp_path_factory) -> pathlib.Path:
-    cfg = synthetic.SyntheticConfig(
-        d_model=16, n_features=32, active=3, noise=0.01, offset=3.0, n_examples=160, n_patches=16,
-        examples_per_shard=64,
-    )  # fmt: skip
-    return synthetic.write(tmp_path_factory.mktemp("shards"), cfg)
-
-
 def common(shard_root, runs_root) -> list[str]:
     return [
         f"data.shard_root={shard_root}", "data.layer=0", "data.batch_size=128",
