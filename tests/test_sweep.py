@@ -474,10 +474,22 @@ def job_ids(tmp_path: pathlib.Path) -> set[str]:
     return {p.name for p in tmp_path.glob("multirun/*/.submitit/*")}
 
 
-def release_held(ids: set[str]) -> None:
-    """Start those of `ids` that SLURM holds after a requeue (~120 s) now."""
+HELD_SINCE: dict[str, float] = {}
+
+
+def release_held(ids: set[str], settle_s: float = 3.0) -> None:
+    """Start those of `ids` that SLURM holds after a requeue (~120 s), once they have been held
+    for `settle_s`: a job started within milliseconds of its requeue can find the previous
+    attempt's credential still revoked, and SLURM fails it ("Job credential revoked")."""
     pending = ["squeue", "-h", "-t", "PD", "-o", "%i %r"]
+    held = set()
     for line in subprocess.run(pending, capture_output=True, text=True).stdout.splitlines():
         job_id, reason = line.split(maxsplit=1)
         if reason == "BeginTime" and job_id in ids:
-            subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+            held.add(job_id)
+            since = HELD_SINCE.setdefault(job_id, time.monotonic())
+            if time.monotonic() - since >= settle_s:
+                subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+                del HELD_SINCE[job_id]
+    for job_id in set(HELD_SINCE) - held:
+        del HELD_SINCE[job_id]
