@@ -5,6 +5,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Tiny matmuls in two test processes on a shared 2-core machine: OpenMP threads only contend.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pathlib  # noqa: E402
 
