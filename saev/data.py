@@ -194,11 +194,7 @@ class _Loader:
             g0 += task[3]
         else:
             return
-        if self._pipeline is None:
-            source = Source(self.shard_set, self.layout)
-            self._pipeline = Pipeline(
-                source, self.d_model, self.slot_rows, self.n_slots, self.n_procs
-            )
+        self.start()
         jobs = ((units, dest_R) for units, dest_R, _, _ in self._track(tasks))
         out, filled, batch, n_bad = self._new_batch(), 0, first_batch, 0
         for slot_RD, units, dest_R, (bad, where, mask) in self._pipeline.run(jobs):
@@ -239,6 +235,24 @@ class _Loader:
         if n_bad:
             msg = "Dropped %d non-finite activations this epoch (data.skip_nonfinite=true)."
             logger.warning(msg, n_bad)
+
+    def start(self) -> None:
+        """Start the reader processes now (else on first iteration). They are forked, and a fork
+        in a process that already runs threads (DDP's process group, W&B) can leave the child
+        stuck on a lock another thread held: start them before those exist."""
+        if self._pipeline is None:
+            source = Source(self.shard_set, self.layout)
+            self._pipeline = Pipeline(
+                source, self.d_model, self.slot_rows, self.n_slots, self.n_procs
+            )
+        if self.n_procs and not self._pipeline._procs:
+            self._pipeline._start()
+
+    def set_rank(self, rank: int, world_size: int) -> None:
+        """This process's part of the stream, once DDP's process group says what it is."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world_size {world_size}.")
+        self.rank, self.world_size = rank, world_size
 
     def _track(self, tasks):
         """Pass tasks through, remembering each one's (pos_R, n_rows) for when its slot comes
@@ -512,6 +526,7 @@ class ShardDataModule(L.LightningDataModule):
                 **self._common(),
             )
             self._train_loader.epoch = self._train_epoch
+        self._train_loader.set_rank(*_dist())
         return self._train_loader
 
     def state_dict(self) -> dict:
@@ -537,7 +552,18 @@ class ShardDataModule(L.LightningDataModule):
                 self.shard_set, batch_size=batch_size, examples=self.val_examples,
                 buffer_mb=buffer_mb, **common,
             )  # fmt: skip
+        rank, world_size = _dist()
+        self._val_loader.set_rank(rank, world_size)
+        self._val_loader.batch_size = math.ceil(self.cfg.batch_size / world_size)
         return self._val_loader
+
+    def start_readers(self) -> None:
+        """Build the loaders and fork their reader processes now, before the process group and
+        W&B start threads (see `_Loader.start`); inside `trainer.fit` they learn their rank."""
+        self.train_dataloader().start()
+        val = self.val_dataloader()
+        if val:
+            val.start()
 
     def teardown(self, stage: str | None = None) -> None:
         for loader in (self._train_loader, self._val_loader):

@@ -256,6 +256,8 @@ def train(configs: list[TrainConfig]) -> pathlib.Path:
             )
         run_dir.mkdir(parents=True, exist_ok=True)
         shards.write_json_atomic(run_dir / "job.json", [dataclasses.asdict(c) for c in configs])
+    dm.start_readers()  # forked before any thread of W&B or of DDP's process group exists
+    if rank == 0:
         log = MetricsLog(run_dir, configs, run_id)
     stats = dm.norm_stats
     module = SAEModule(
