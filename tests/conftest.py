@@ -13,6 +13,21 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 
+def require_slurm() -> None:
+    """Skip unless a SLURM controller answers (fail instead under CI, which starts one)."""
+    import shutil
+    import subprocess
+
+    ok = shutil.which("sinfo") is not None and (
+        subprocess.run(["sinfo", "-h"], capture_output=True, timeout=20).returncode == 0
+    )
+    if not ok:
+        reason = "no SLURM controller answers; start one with bash ../shared/slurm/up.sh"
+        if os.environ.get("CI"):
+            pytest.fail(reason + " (.ci/run does)")
+        pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def shard_root(tmp_path_factory) -> pathlib.Path:
     """Tiny synthetic shards with a known dictionary (16-d, 160 examples x 16 patches), shared by

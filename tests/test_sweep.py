@@ -7,13 +7,13 @@ import json
 import os
 import pathlib
 import re
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
 import safetensors.torch
+from conftest import require_slurm
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
@@ -375,8 +375,7 @@ def test_slurm_sweep_and_a_requeued_job_resumes_exactly(shard_root, tmp_path):
     """Two SLURM jobs that train the same SAEs (`ckpt_every` changes when checkpoints are
     written, not the weights); job 0 is requeued mid-training, resumes from its checkpoint and
     ends with job 1's weights."""
-    if shutil.which("sinfo") is None:
-        pytest.skip("no SLURM here (no sinfo); .ci/run starts one with ../shared/slurm/up.sh")
+    require_slurm()
     args = [
         *common(shard_root, tmp_path, n_train=128 * 3000), "sae=relu", "lr=1e-3,3e-3",
         "ckpt_every=20,21", "log_every=20", "hydra/launcher=slurm",
@@ -438,8 +437,7 @@ def job_id_of(sweep_dir: pathlib.Path, job: int) -> str | None:
 def test_slurm_time_limit_resubmits_and_resumes(shard_root, tmp_path):
     """A job longer than its time limit: submitit's signal 60 s before the 2-minute limit
     requeues it (max_num_timeout), and each attempt resumes the last checkpoint until done."""
-    if shutil.which("sinfo") is None:
-        pytest.skip("no SLURM here (no sinfo); .ci/run starts one with ../shared/slurm/up.sh")
+    require_slurm()
     args = [
         *common(shard_root, tmp_path, n_train=128 * 60000), "sae=relu", "ckpt_every=200",
         "log_every=1000", "hydra/launcher=slurm", "hydra.launcher.partition=debug",
