@@ -357,14 +357,8 @@ def test_sweep_pareto(tmp_path):
     with open(sweep / "pareto.csv") as fd:
         rows = {r["name"]: r for r in csv.DictReader(fd)}
     assert set(rows) == set(saes)
-    assert list(next(iter(rows.values())))[:6] == [
-        "name",
-        "kind",
-        "l0",
-        "nmse",
-        "on_front",
-        "split",
-    ]
+    base = ["name", "kind", "l0", "nmse", "on_front", "split"]
+    assert list(next(iter(rows.values())))[:6] == base
     assert {n for n, r in rows.items() if r["on_front"] == "True"} == {
         "0/run0/a",
         "0/run0/b",
@@ -373,17 +367,7 @@ def test_sweep_pareto(tmp_path):
     assert rows["1/run1/d"]["split"] == "train" and float(rows["1/run1/d"]["nmse"]) == 0.1
     assert float(rows["0/run0/a"]["l0"]) == 4.0 and rows["0/run0/a"]["kind"] == "topk"
     # Swept settings: what differs across the SAEs (not name/run_id, not the shared n_train).
-    assert set(rows["0/run0/a"]) == {
-        "name",
-        "kind",
-        "l0",
-        "nmse",
-        "on_front",
-        "split",
-        "lr",
-        "sae.k",
-        "browser",
-    }  # noqa: E501
+    assert set(rows["0/run0/a"]) == {*base, "lr", "sae.k", "browser"}
     assert rows["0/run0/b"]["browser"] == "0/run0/b/visuals/index.html"
     assert rows["0/run0/a"]["browser"] == ""
     assert (sweep / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
