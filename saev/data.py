@@ -22,7 +22,16 @@ import torch
 
 from saev import shards
 from saev.foreign_shards import open_shard_set
-from saev.loaders import TOKENS, Layout, NonFiniteError, Pipeline, Source, select
+from saev.loaders import (
+    READS,
+    TOKENS,
+    Layout,
+    NonFiniteError,
+    Pipeline,
+    Source,
+    resolve_read,
+    select,
+)
 from saev.normalization import NormStats, load_or_estimate_moments, stats_from_moments
 
 __all__ = [
@@ -56,11 +65,13 @@ class _Loader:
         world_size: int = 1,
         skip_nonfinite: bool = False,
         pin_memory: bool | None = None,
+        read: str = "auto",
     ):
         """`examples`: global example indices to read (default all); `buffer_mb`: the shuffle
         buffer, in storage dtype; `run_kb`: the smallest contiguous read worth cutting an example
         into; `rank`/`world_size`: this process's part of the stream; `pin_memory`: default is
-        whether CUDA is available."""
+        whether CUDA is available; `read`: how workers copy from the files, "mmap", "pread" or
+        "auto" (mmap when the files fit in half the memory; saev.loaders)."""
         if isinstance(shard_root, shards.ShardSet):
             self.shard_set = shard_root
         else:
@@ -81,6 +92,7 @@ class _Loader:
         self.skip_nonfinite = skip_nonfinite
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.examples = self._check_examples(examples, md.n_examples)
+        self.read = resolve_read(read, self.shard_set)
         row_bytes = md.d_model * shards.DTYPE_ITEMSIZE[md.dtype]  # the buffer holds storage dtype
         self.layout = Layout.make(self.sel, row_bytes, run_kb)
         # n_workers filling while one slot is being cut into batches and one waits ready.
@@ -241,7 +253,7 @@ class _Loader:
         in a process that already runs threads (DDP's process group, W&B) can leave the child
         stuck on a lock another thread held: start them before those exist."""
         if self._pipeline is None:
-            source = Source(self.shard_set, self.layout)
+            source = Source(self.shard_set, self.layout, self.read)
             self._pipeline = Pipeline(
                 source, self.d_model, self.slot_rows, self.n_slots, self.n_procs
             )
@@ -411,6 +423,10 @@ class DataConfig:
     on average), the scale at which published sparsity coefficients apply (docs/training.md)."""
     skip_nonfinite: bool = False
     """Drop (and count) NaN/inf activations instead of stopping with an error."""
+    read: str = "auto"
+    """How reader processes copy from the shard files: "mmap" (fastest when the files stay in the
+    page cache), "pread" (streams larger-than-memory sets without mapping them) or "auto" (mmap
+    when the files fit in half the job's memory). Both prefetch each fill (saev.loaders)."""
 
     def __post_init__(self):
         if self.tokens not in TOKENS:
@@ -426,6 +442,8 @@ class DataConfig:
                 f"data.n_stats_examples ({self.n_stats_examples}) must be >= 1 and data.n_workers "
                 f"({self.n_workers}) >= 0."
             )
+        if self.read not in READS:
+            raise ValueError(f"data.read={self.read!r} must be one of {READS}.")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be in [0, 1).")
 
@@ -510,7 +528,7 @@ class ShardDataModule(L.LightningDataModule):
         rank, world_size = _dist()
         return dict(
             layer=cfg.layer, tokens=cfg.tokens, n_workers=cfg.n_workers, rank=rank,
-            world_size=world_size, skip_nonfinite=cfg.skip_nonfinite,
+            world_size=world_size, skip_nonfinite=cfg.skip_nonfinite, read=cfg.read,
         )  # fmt: skip
 
     def train_dataloader(self) -> ShuffledLoader:

@@ -2,6 +2,7 @@
 
 import math
 import mmap
+import os
 
 import numpy as np
 import pytest
@@ -475,3 +476,75 @@ def test_workers_die_with_a_killed_main_process(tmp_path):
             return
         time.sleep(0.1)
     pytest.fail(f"loader workers {alive} outlived their killed parent")
+
+
+@pytest.fixture
+def ranges_path(monkeypatch):
+    """Send every unit through the range copy of `Source.fill` (the read path's), which tiny test
+    examples would otherwise skip for the small-run gather."""
+    monkeypatch.setattr(loaders, "SMALL_RUN_BYTES", 0)
+
+
+@pytest.mark.parametrize(
+    "read,memory,resolved", [("mmap", None, "mmap"), ("pread", None, "pread"), ("auto", 1, "pread")]
+)
+@pytest.mark.parametrize("n_workers", [0, 2])
+def test_read_paths_serve_the_files_exactly_once(
+    tmp_path, ranges_path, monkeypatch, read, memory, resolved, n_workers
+):
+    """Each read path, chosen by name or by "auto" (here for a set larger than the memory)."""
+    if memory is not None:
+        monkeypatch.setattr(loaders, "memory_bytes", lambda: memory)
+    # A scratch buffer of 3 rows: pread ranges go through it in several pieces.
+    monkeypatch.setattr(loaders, "SCRATCH_BYTES", 3 * 8 * 4)
+    root, stored = make_shards(tmp_path, n_examples=40)
+    kw = dict(n_workers=n_workers, buffer_mb=0.004, read=read)
+    with ShuffledLoader(root, 3, 16, "all", seed=5, **kw) as loader:
+        assert loader.read == resolved
+        epochs = []
+        for _ in range(2):
+            _, act, ex, tok = collect(loader)
+            assert sorted(zip(ex.tolist(), tok.tolist())) == [
+                (e, t) for e in range(40) for t in range(6)
+            ]
+            np.testing.assert_array_equal(act, stored[ex, 0, tok])
+            epochs.append(act)
+    with ShuffledLoader(root, 3, 16, "all", seed=5, **{**kw, "read": "mmap"}) as loader:
+        np.testing.assert_array_equal(collect(loader)[1], epochs[0])  # the same order either way
+    with OrderedLoader(root, -1, 9, "patches", **kw) as loader:  # pread straight into the slot
+        _, act, ex, tok = collect(loader)
+    np.testing.assert_array_equal(act, stored[:, 1, 1:].reshape(-1, 8))
+
+
+def test_pread_maps_nothing_and_prefetches_every_range(tmp_path, ranges_path, monkeypatch):
+    root, stored = make_shards(tmp_path, layers=(3,))
+    shard_set = shards.open_shards(root)
+    asked = []
+    real = Source.prefetch
+    monkeypatch.setattr(
+        Source, "prefetch", lambda self, *a: (asked.append([x.tolist() for x in a]), real(self, *a))
+    )
+    layout = Layout.make(select(shard_set.metadata, 3, "all"), 32, 128)
+    source = Source(shard_set, layout, "pread")
+    dst = np.empty((4 * 6, 8), dtype=np.float32)
+    # Examples 0, 1 (adjacent in file 0: one range), 8 (file 1, #1) and 22 (file 3, #1).
+    assert source.fill(np.array([0, 1, 8, 22]), dst)[0] == 0
+    np.testing.assert_array_equal(dst.reshape(4, 6, 8), stored[[0, 1, 8, 22], 0])
+    assert not source._flat  # no file was mapped
+    # One request per contiguous range: files, first rows, numbers of rows.
+    assert asked == [[[0, 1, 3], [0, 6, 6], [12, 6, 6]]]
+
+
+def test_auto_read_maps_sets_that_fit_in_half_the_memory(tmp_path, monkeypatch):
+    root, _ = make_shards(tmp_path)
+    n_bytes = sum(f.path.stat().st_size for f in shards.open_shards(root).files)
+    monkeypatch.setattr(loaders, "memory_bytes", lambda: 2 * n_bytes)
+    assert ShuffledLoader(root, 3, 16).read == "mmap"
+    monkeypatch.setattr(loaders, "memory_bytes", lambda: 2 * n_bytes - 2)
+    assert ShuffledLoader(root, 3, 16).read == "pread"
+    assert ShuffledLoader(root, 3, 16, read="mmap").read == "mmap"
+    assert 0 < loaders.memory_bytes() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    with pytest.raises(
+        ValueError, match=r"read='direct' is not one of \('auto', 'mmap', 'pread'\)"
+    ):
+        ShuffledLoader(root, 3, 16, read="direct")

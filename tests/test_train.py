@@ -132,6 +132,21 @@ def test_resume_from_last_checkpoint_is_exact(shard_root, tmp_path):
     assert json.loads((resumed / "00-relu" / "metrics.json").read_text())["step"] == 60
 
 
+def test_read_paths_train_the_same_weights(shard_root, tmp_path, monkeypatch):
+    """data.read=pread (the path for sets larger than memory) feeds the SAEs exactly what mmap
+    does; the tiny examples are sent through the range copy that the two paths differ in."""
+    from saev import loaders
+
+    monkeypatch.setattr(loaders, "SMALL_RUN_BYTES", 0)
+    base = common(shard_root, tmp_path) + ["sae=topk", "sae.exp_factor=2", "n_train=1920"]
+    runs = {
+        read: run_api(base + [f"data.read={read}", f"run_id={read}"]) for read in ("mmap", "pread")
+    }
+    a, b = weights(runs["mmap"] / "00-topk"), weights(runs["pread"] / "00-topk")
+    assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
+    assert json.loads((runs["pread"] / "job.json").read_text())[0]["data"]["read"] == "pread"
+
+
 def test_normalization_changes_what_the_sae_sees(shard_root, tmp_path):
     base = common(shard_root, tmp_path) + [
         "sae=topk",
@@ -200,6 +215,7 @@ def test_non_finite_loss_stops_naming_sae_and_step(shard_root, tmp_path, capsys)
         ("sae=gelu", "Could not find 'sae/gelu'"),
         ("sae.sparsity_coeff=1.0", "sae.sparsity_coeff applies only to"),
         ("data.layer=3", "layer 3"),
+        ("data.read=direct", "data.read='direct' must be one of ('auto', 'mmap', 'pread')"),
     ],
 )
 def test_bad_input_fails_before_training(shard_root, tmp_path, capsys, override, message):
