@@ -3,7 +3,7 @@
     python benchmarks/loader.py                       # ~2 GB float32 and ~1 GB float16, 768-d
     python benchmarks/loader.py --dtypes float32 --buffer-mb 512
     python benchmarks/loader.py --cold --dtypes float32   # the files evicted before every pass
-    python benchmarks/loader.py --cold --gb 6 --memory-limit-gb 3 --read pread   # larger than memory
+    python benchmarks/loader.py --cold --gb 6 --memory-limit-gb 3   # shards larger than memory
 
 Writes the shards once under --root (reused on later runs), warms the page cache, then prints for
 each dtype: the raw bandwidth (each whole file read into a fresh numpy array, the better of
@@ -21,8 +21,8 @@ loader epoch, so both read from the disk, as for shard sets larger than memory; 
 then the disk's sequential bandwidth through 16 MiB `read`s into one reused buffer. Each line
 --memory-limit-gb puts the benchmark into a memory cgroup of that size (root; as a SLURM job's
 limit does), so that shards larger than it cannot stay cached: the regime of terabyte sets.
-Each line also gives the distinct examples per batch (median over the epoch's batches; the shuffle quality
-that a faster read path must keep).
+Each line also gives the distinct examples per batch (median over the epoch's batches; the
+shuffle quality that a faster read path must keep).
 """
 
 from __future__ import annotations
