@@ -4,7 +4,8 @@
 #   2. SAE-activations/s of the training step for 1 and 8 ReLU SAEs and for TopK k=32 (d_model
 #      1024, d_sae 16384, batch 16384, bf16-mixed, torch.compile), each beside the bf16 matmul
 #      floor measured in the same process;
-#   3. the shuffled loader's bandwidth into the GPU;
+#   3. the shuffled loader's bandwidth into the GPU, and with a cold page cache for 1, 3 and 7
+#      reader processes (issue 12: scaling with cores, which a 2-core machine cannot show);
 #   4. recording against the bare ViT forward pass.
 #
 #     bash benchmarks/gpu.sh            # DEVICE=cpu bash benchmarks/gpu.sh: same commands on CPU
@@ -31,6 +32,10 @@ timeout 200 $PY benchmarks/train.py "${STEP[@]}" --kinds relu --n-saes 1 8 --ski
 timeout 120 $PY benchmarks/train.py "${STEP[@]}" --kinds topk --n-saes 1 --skip sparsify
 echo "== loader into $DEVICE"
 timeout 90 $PY benchmarks/loader.py --device "$DEVICE" "${LOADER[@]}" --dtypes float32 --passes 1
+echo "== loader, cold page cache, by reader processes"
+for n in 1 3 7; do
+    timeout 60 $PY benchmarks/loader.py --cold --n-workers $n "${LOADER[@]}" --dtypes float32 --passes 1
+done
 echo "== recording against the bare forward pass"
 timeout 60 $PY benchmarks/record.py --device "$DEVICE" --repeats 2
 echo "gpu.sh done in $((SECONDS - t0)) s"
