@@ -13,7 +13,8 @@ mapping the files and touching the buffer for the first time), their ratio, the 
 loader's second epoch (what a long training run sees), and the CPU time per GB of each (the
 loader's over both epochs, workers included), which does not depend on what else runs.
 Bandwidth is bytes of the shard files per second, so float16 numbers compare like with like
-(the loader hands out twice those bytes as float32).
+(the loader hands out twice those bytes as float32, or the same bytes with --keep-16bit: what
+a GPU run's host does, the GPU up-casting after the transfer).
 Shards have one layer and no CLS token, so the loader reads every byte of every file.
 
 With --cold, the files are dropped from the page cache (`evict`) before every raw pass and every
@@ -126,6 +127,7 @@ def loader_epochs(
     device="cpu",
     cold=False,
     read="auto",
+    upcast=True,
 ):
     """Seconds for a fresh loader's first epoch (its start-up included) and for its second
     epoch (workers, memory maps and buffer already set up), the rows served per epoch, and the
@@ -140,7 +142,7 @@ def loader_epochs(
     start = time.perf_counter()
     loader = ShuffledLoader(
         root, 0, batch_size, "patches", seed=seed, n_workers=n_workers, buffer_mb=buffer_mb,
-        read=read,
+        read=read, upcast=upcast,
     )  # fmt: skip
     for epoch in range(2):
         rows.append(0)
@@ -178,7 +180,7 @@ def measure(root, paths, n_bytes: int, row_bytes: int, args):
         c0 = cpu_seconds()
         seconds, rows, batch_distinct = loader_epochs(
             root, args.batch_size, args.buffer_mb, args.n_workers, seed, args.device, args.cold,
-            args.read,
+            args.read, not args.keep_16bit,
         )  # fmt: skip
         distinct += batch_distinct
         cpu["loader"].append((cpu_seconds() - c0) / (2 * n_bytes / 1e9))
@@ -201,6 +203,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="copy each batch into it (cuda: to GPU)")
     parser.add_argument("--cold", action="store_true", help="evict the files before every pass")
     parser.add_argument("--read", default="auto", choices=READS, help="the loader's read path")
+    parser.add_argument(
+        "--keep-16bit", action="store_true", help="16-bit batches, as for a GPU (which up-casts)"
+    )
     parser.add_argument("--memory-limit-gb", type=float, help="run inside a memory cgroup (root)")
     args = parser.parse_args()
     if args.memory_limit_gb:
@@ -228,7 +233,8 @@ def main() -> None:
             f"ShuffledLoader epochs {', '.join(f'{b / 1e9:.2f}' for b in loader_bw)} GB/s, median "
             f"{med / 1e9:.2f} GB/s = {med / raw_bw:.0%} of raw | buffer {args.buffer_mb} MB, "
             f"{args.n_workers} workers, batch {args.batch_size}, into {args.device}, read "
-            f"{read}\n  second epoch of the same loader (start-up paid{second_note}): "
+            f"{read}{', 16-bit batches' if args.keep_16bit else ''}\n  second epoch of the same "
+            f"loader (start-up paid{second_note}): "
             f"{', '.join(f'{b / 1e9:.2f}' for b in steady_bw)} GB/s, median "
             f"{statistics.median(steady_bw) / raw_bw:.0%} of raw | CPU s per GB: raw "
             f"{statistics.median(cpu['raw']):.2f}, loader {statistics.median(cpu['loader']):.2f}"

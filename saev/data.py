@@ -66,12 +66,15 @@ class _Loader:
         skip_nonfinite: bool = False,
         pin_memory: bool | None = None,
         read: str = "auto",
+        upcast: bool = True,
     ):
         """`examples`: global example indices to read (default all); `buffer_mb`: the shuffle
         buffer, in storage dtype; `run_kb`: the smallest contiguous read worth cutting an example
         into; `rank`/`world_size`: this process's part of the stream; `pin_memory`: default is
         whether CUDA is available; `read`: how workers copy from the files, "mmap", "pread" or
-        "auto" (mmap when the files fit in half the memory; saev.loaders)."""
+        "auto" (mmap when the files fit in half the memory; saev.loaders); `upcast`: whether
+        float16/bfloat16 shards give float32 batches (else batches keep the storage dtype, for a
+        GPU to up-cast: half the bytes to copy and transfer, and no conversion on the CPU)."""
         if isinstance(shard_root, shards.ShardSet):
             self.shard_set = shard_root
         else:
@@ -93,6 +96,7 @@ class _Loader:
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.examples = self._check_examples(examples, md.n_examples)
         self.read = resolve_read(read, self.shard_set)
+        self.act_dtype = torch.float32 if upcast else TORCH_DTYPE[md.dtype]
         row_bytes = md.d_model * shards.DTYPE_ITEMSIZE[md.dtype]  # the buffer holds storage dtype
         self.layout = Layout.make(self.sel, row_bytes, run_kb)
         # n_workers filling while one slot is being cut into batches and one waits ready.
@@ -150,9 +154,11 @@ class _Loader:
         B, D = self.batch_size, self.d_model
         if self.pin_memory:
             # CUDA's caching host allocator recycles pinned blocks once their copies are done.
-            act = torch.empty((B, D), pin_memory=True)
-        else:
+            act = torch.empty((B, D), dtype=self.act_dtype, pin_memory=True)
+        elif self.act_dtype == torch.float32:
             act = torch.from_numpy(self._pooled(np.float32))
+        else:
+            act = torch.from_numpy(self._pooled(np.uint16)).view(self.act_dtype)
         ex = torch.empty(B, dtype=torch.int64)
         return {"act": act, "example_idx": ex, "token_idx": torch.empty(B, dtype=torch.int64)}
 
@@ -178,7 +184,7 @@ class _Loader:
             out["token_idx"][dst].copy_(tok_R[pos : pos + take])
             return
         r = rows[pos : pos + take]
-        if slot_t.dtype == torch.float32:
+        if slot_t.dtype == out["act"].dtype:
             torch.index_select(slot_t, 0, r, out=out["act"][dst])
         else:  # gather the 16-bit rows, then up-cast them in one vectorized pass (rare: NaN)
             half = torch.from_numpy(self._pooled(shards.NUMPY_STORAGE_DTYPE[self.dtype]))[:take]
@@ -293,6 +299,17 @@ class _Loader:
             pass
 
 
+TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def upcast_batch(batch: dict) -> dict:
+    """The batch with float32 activations (16-bit ones are up-cast where they are: on the GPU
+    when the loader kept them 16-bit for the transfer)."""
+    if batch["act"].dtype != torch.float32:
+        batch = {**batch, "act": batch["act"].float()}
+    return batch
+
+
 def _usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
@@ -311,6 +328,8 @@ def _copy_1thread(dst: torch.Tensor, src: torch.Tensor) -> None:
     slower).
     """
     if src.dtype == dst.dtype:
+        if src.dtype != torch.float32:  # numpy has no bfloat16: copy the bits
+            src, dst = src.view(torch.int16), dst.view(torch.int16)
         np.copyto(dst.numpy(), src.numpy())
         return
     step = max(1, _INLINE_NUMEL // max(1, src[0].numel())) if len(src) else 1
@@ -472,7 +491,10 @@ class ShardDataModule(L.LightningDataModule):
     share of every global batch (rank and world size from torch.distributed, looked up when the
     loaders are first built inside `trainer.fit`). With
     CUDA, batches come in pinned memory, so Lightning's move to the device (`non_blocking=True`)
-    overlaps with the step.
+    overlaps with the step. With `upcast = False` (set for a GPU run), float16/bfloat16 shards
+    stay 16-bit until they are on the device, which up-casts them (`upcast_batch`, in the
+    module's `on_after_batch_transfer`): the CPU copies half the bytes and converts none, and the
+    transfer carries half the bytes.
     """
 
     def __init__(self, cfg: DataConfig):
@@ -482,6 +504,8 @@ class ShardDataModule(L.LightningDataModule):
         self.norm_stats: NormStats | None = None
         self._train_loader = self._val_loader = None
         self._train_epoch = 0
+        self.upcast = True
+        """Whether loaders up-cast 16-bit activations to float32 on the host."""
 
     def setup(self, stage: str | None = None) -> None:
         if self.shard_set is not None:
@@ -529,6 +553,7 @@ class ShardDataModule(L.LightningDataModule):
         return dict(
             layer=cfg.layer, tokens=cfg.tokens, n_workers=cfg.n_workers, rank=rank,
             world_size=world_size, skip_nonfinite=cfg.skip_nonfinite, read=cfg.read,
+            upcast=self.upcast,
         )  # fmt: skip
 
     def train_dataloader(self) -> ShuffledLoader:

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from saev.data import upcast_batch
 from saev.metrics import SAEMetrics, dead_fraction
 from saev.nn import SAE, Output, SAEConfig
 from saev.train_config import default_lr
@@ -201,6 +202,9 @@ class SAEModule(L.LightningModule):
         self.last_metrics[name][split] = record
         if self.log_fn is not None and self.global_rank == 0:
             self.log_fn(name, {f"{split}/{k}": v for k, v in scalars.items()}, step)
+
+    def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
+        return upcast_batch(batch)  # 16-bit shards travel to a GPU as 16 bits (ShardDataModule)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["saev_tokens_seen"] = self.tokens_seen

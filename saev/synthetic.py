@@ -41,10 +41,16 @@ class SyntheticConfig:
     """Tokens per example."""
     examples_per_shard: int = 128
     seed: int = 0
+    dtype: str = "float32"
+    """Storage dtype of the shards: float32, float16 or bfloat16."""
 
     def __post_init__(self):
+        if self.dtype not in shards.DTYPE_ITEMSIZE:
+            raise ValueError(f"dtype={self.dtype!r} must be one of {list(shards.DTYPE_ITEMSIZE)}.")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
+            if f.name == "dtype":
+                continue
             if f.name in ("noise", "offset", "seed"):
                 if value < 0:
                     raise ValueError(f"{f.name} must be non-negative, got {value}.")
@@ -83,7 +89,7 @@ def write(dump_to: str | pathlib.Path, cfg: SyntheticConfig) -> pathlib.Path:
         cls_token=False,
         n_patches_per_example=cfg.n_patches,
         d_model=cfg.d_model,
-        dtype="float32",
+        dtype=cfg.dtype,
         n_examples=cfg.n_examples,
         examples_per_shard=cfg.examples_per_shard,
         data={"name": "synthetic-sparse-dictionary", **dataclasses.asdict(cfg)},

@@ -226,6 +226,12 @@ def make_trainer(
     )
 
 
+def on_gpu(job: TrainConfig) -> bool:
+    """Whether the job's trainer will run on a CUDA GPU (Lightning's "auto" picks one if any)."""
+    accelerator = str(job.trainer.accelerator)
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def train(configs: list[TrainConfig]) -> pathlib.Path:
     """Train one SAE per config, side by side, and return the run directory."""
     if not configs:
@@ -256,6 +262,7 @@ def train(configs: list[TrainConfig]) -> pathlib.Path:
             )
         run_dir.mkdir(parents=True, exist_ok=True)
         shards.write_json_atomic(run_dir / "job.json", [dataclasses.asdict(c) for c in configs])
+    dm.upcast = not on_gpu(job)  # a GPU up-casts 16-bit shards itself, after the transfer
     dm.start_readers()  # forked before any thread of W&B or of DDP's process group exists
     if rank == 0:
         log = MetricsLog(run_dir, configs, run_id)

@@ -49,8 +49,8 @@ def many_cpus(monkeypatch):
 
 def collect(loader):
     batches = list(loader)
-    cat = lambda k: torch.cat([b[k] for b in batches]).numpy()
-    return batches, cat("act"), cat("example_idx"), cat("token_idx")
+    cat = lambda k: torch.cat([b[k] for b in batches])
+    return batches, cat("act").float().numpy(), cat("example_idx").numpy(), cat("token_idx").numpy()
 
 
 def expected_tokens(tokens, cls_token, n_tokens):
@@ -548,3 +548,26 @@ def test_auto_read_maps_sets_that_fit_in_half_the_memory(tmp_path, monkeypatch):
         ValueError, match=r"read='direct' is not one of \('auto', 'mmap', 'pread'\)"
     ):
         ShuffledLoader(root, 3, 16, read="direct")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("skip_nonfinite", [False, True])
+def test_batches_can_keep_the_storage_dtype(tmp_path, dtype, skip_nonfinite):
+    """upcast=False (a GPU up-casts): 16-bit batches holding exactly the stored bits, through the
+    plain slices and (with a dropped NaN) the gathered rows."""
+    root, stored = make_shards(tmp_path, dtype=dtype)
+    if skip_nonfinite:
+        f = shards.open_shards(root).files[1]
+        mm = np.memmap(f.path, dtype=np.uint16, mode="r+", shape=(f.n_examples, 2, 6, 8))
+        mm[2, 1, 4, 0] = 0xFFC0 if dtype == "bfloat16" else 0x7E00  # a NaN in example 9
+        mm.flush()
+        del mm
+    torch_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    kw = dict(n_workers=1, buffer_mb=0.002, skip_nonfinite=skip_nonfinite)
+    with ShuffledLoader(root, -1, 16, "all", seed=2, upcast=False, **kw) as loader:
+        batches, act, ex, tok = collect(loader)
+    assert all(b["act"].dtype == torch_dtype for b in batches)
+    np.testing.assert_array_equal(act, stored[ex, 1, tok])
+    assert len(ex) == 23 * 6 - skip_nonfinite
+    with ShuffledLoader(root, -1, 16, "all", seed=2, **kw) as loader:  # the same batches
+        np.testing.assert_array_equal(collect(loader)[1], act)

@@ -21,6 +21,7 @@ import saev.nn
 from saev import synthetic, train_config, training
 from saev.data import DataConfig, ShardDataModule
 from saev.metrics import SAEMetrics
+from saev.module import SAEModule
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 KINDS = ["relu", "topk", "batchtopk", "jumprelu", "matryoshka"]
@@ -145,6 +146,54 @@ def test_read_paths_train_the_same_weights(shard_root, tmp_path, monkeypatch):
     a, b = weights(runs["mmap"] / "00-topk"), weights(runs["pread"] / "00-topk")
     assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
     assert json.loads((runs["pread"] / "job.json").read_text())[0]["data"]["read"] == "pread"
+
+
+def float16_shards(tmp_path) -> pathlib.Path:
+    cfg = synthetic.SyntheticConfig(
+        d_model=16, n_features=32, active=3, offset=3.0, n_examples=160, n_patches=16,
+        examples_per_shard=64, dtype="float16",
+    )  # fmt: skip
+    return synthetic.write(tmp_path / "shards", cfg)
+
+
+def test_16bit_batches_kept_for_the_device_train_the_same_weights(tmp_path, monkeypatch):
+    """What a GPU run does with float16 shards (loader batches stay float16, the module up-casts
+    them after the transfer), here on the CPU: exactly the weights of host up-casting."""
+    root = float16_shards(tmp_path)
+    base = common(root, tmp_path) + ["sae=topk", "sae.k=3", "sae.exp_factor=2", "n_train=1920"]
+    host = run_api(base + ["run_id=host"])
+    monkeypatch.setattr(training, "on_gpu", lambda job: True)
+    dtypes = []
+    real = SAEModule.on_after_batch_transfer
+    monkeypatch.setattr(
+        SAEModule,
+        "on_after_batch_transfer",
+        lambda self, b, i: (dtypes.append(b["act"].dtype), real(self, b, i))[1],
+    )
+    device = run_api(base + ["run_id=device"])
+    assert set(dtypes) == {torch.float16}
+    a, b = weights(host / "00-topk"), weights(device / "00-topk")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.gpu
+def test_16bit_shards_reach_the_gpu_in_16_bits_and_train(tmp_path, monkeypatch):
+    """float16 shards: batches leave the loader in float16 (half the bytes to copy and send) and
+    become float32 on the GPU; the SAE learns as well as from float32 shards."""
+    root = float16_shards(tmp_path)
+    seen = []
+    real = SAEModule.on_after_batch_transfer
+
+    def spy(self, batch, dataloader_idx):
+        out = real(self, batch, dataloader_idx)
+        seen.append((batch["act"].dtype, batch["act"].device.type, out["act"].dtype))
+        return out
+
+    monkeypatch.setattr(SAEModule, "on_after_batch_transfer", spy)
+    run = run_api(common(root, tmp_path) + ["sae=topk", "sae.k=3", "sae.exp_factor=2"])
+    assert seen and set(seen) == {(torch.float16, "cuda", torch.float32)}
+    metrics = json.loads((run / "00-topk" / "metrics.json").read_text())
+    assert metrics["val"]["nmse"] < 0.5
 
 
 def test_normalization_changes_what_the_sae_sees(shard_root, tmp_path):
