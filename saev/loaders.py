@@ -297,7 +297,7 @@ class Source:
                     self._pread(i, s0, dst_RD[r0 : r0 + n])
                     if not self._finite_sum(dst_RD[r0 : r0 + n]):
                         suspect.append((r0, r0 + n))
-                        continue
+                    continue
                 for off, rows_RD in self._ranges(i, s0, n, dst_RD):
                     put(r0 + off, r0 + off + len(rows_RD), rows_RD)
         if not suspect:

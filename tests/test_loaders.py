@@ -519,10 +519,15 @@ def test_read_paths_serve_the_files_exactly_once(
 def test_pread_maps_nothing_and_prefetches_every_range(tmp_path, ranges_path, monkeypatch):
     root, stored = make_shards(tmp_path, layers=(3,))
     shard_set = shards.open_shards(root)
-    asked = []
-    real = Source.prefetch
+    asked, read_rows = [], []
+    real, real_pread = Source.prefetch, Source._pread
     monkeypatch.setattr(
         Source, "prefetch", lambda self, *a: (asked.append([x.tolist() for x in a]), real(self, *a))
+    )
+    monkeypatch.setattr(
+        Source,
+        "_pread",
+        lambda self, i, r0, dst: (read_rows.append(len(dst)), real_pread(self, i, r0, dst)),
     )
     layout = Layout.make(select(shard_set.metadata, 3, "all"), 32, 128)
     source = Source(shard_set, layout, "pread")
@@ -531,6 +536,7 @@ def test_pread_maps_nothing_and_prefetches_every_range(tmp_path, ranges_path, mo
     assert source.fill(np.array([0, 1, 8, 22]), dst)[0] == 0
     np.testing.assert_array_equal(dst.reshape(4, 6, 8), stored[[0, 1, 8, 22], 0])
     assert not source._flat  # no file was mapped
+    assert sum(read_rows) == 4 * 6  # each row read once, straight into the slot
     # One request per contiguous range: files, first rows, numbers of rows.
     assert asked == [[[0, 1, 3], [0, 6, 6], [12, 6, 6]]]
 
