@@ -47,6 +47,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 
+TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 class _Loader:
     """What the shuffled and ordered loaders share: validation, buffer sizing, batch cutting."""
 
@@ -299,9 +302,6 @@ class _Loader:
             pass
 
 
-TORCH_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
 def upcast_batch(batch: dict) -> dict:
     """The batch with float32 activations (16-bit ones are up-cast where they are: on the GPU
     when the loader kept them 16-bit for the transfer)."""
@@ -346,7 +346,8 @@ def _scatter(x_R: np.ndarray, perm_R: np.ndarray) -> np.ndarray:
 class ShuffledLoader(_Loader):
     """One epoch of batches per iteration, in a fresh random order each epoch (see module doc).
 
-    Each batch is `{"act": float32 [B, d_model], "example_idx": int64 [B], "token_idx": int64 [B]}`;
+    Each batch is `{"act": float32 [B, d_model], "example_idx": int64 [B], "token_idx": int64 [B]}`
+    (with `upcast=False`, "act" keeps a 16-bit storage dtype);
     `token_idx` is the token's position in its stored example (CLS, when recorded, is 0). The order
     depends on (seed, epoch) and the buffer layout (buffer_mb, n_workers, run_kb), never on the
     world size: under DDP, `batch_size` is the global batch and each rank reads and serves its
