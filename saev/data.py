@@ -148,10 +148,18 @@ class _Loader:
                 mine_U = np.arange(len(units)) % N == self.rank
                 pos_R = pos_R[np.repeat(mine_U, len_U)]
                 units = units[mine_U]
-            order_R = np.argsort(pos_R, kind="stable")
-            dest_R = np.empty_like(order_R)
-            dest_R[order_R] = np.arange(len(order_R))
-            yield units, (None if rng is None and N == 1 else dest_R), pos_R[order_R], n_rows
+            # A row's slot row is the rank of its stream position among this rank's positions;
+            # they are distinct integers below n_rows, so a lookup table ranks them in O(rows).
+            if N == 1:
+                dest_R, sorted_R = pos_R, np.arange(n_rows)
+            else:
+                taken = np.zeros(n_rows, dtype=bool)
+                taken[pos_R] = True
+                sorted_R = np.flatnonzero(taken)
+                rank_of = np.empty(n_rows, dtype=np.int64)
+                rank_of[sorted_R] = np.arange(len(sorted_R))
+                dest_R = rank_of[pos_R]
+            yield units, (None if rng is None and N == 1 else dest_R), sorted_R, n_rows
 
     def _new_batch(self) -> dict[str, torch.Tensor]:
         B, D = self.batch_size, self.d_model
