@@ -13,22 +13,25 @@ Built to run at the speed of the storage (DESIGN.md, "Training"; issue 3):
   needs a core of its own); the slots, and so the order, follow `n_workers` regardless.
 - *Workers.* Forked processes (start-up in milliseconds) copy each unit straight to its permuted
   rows of the slot, and check it for NaN/inf while it is in cache. Several fills are in flight.
-- *Reads* (issue 12). A worker first asks the kernel for every range of its fill at once
-  (`posix_fadvise(WILLNEED)`: asynchronous reads, so the disk works on hundreds of requests while
-  the worker copies), then copies the ranges in file order. Without that, a worker faulting its
-  way through one unit after another kept about one request in flight, and a cold epoch ran at
-  0.86-0.89 of a sequential read; with it, 1.1-1.2x (`benchmarks/loader.py --cold`). How a range
-  is copied (`read`): shard sets that fit in half the memory are `mmap`ped once per worker (the
-  pages stay mapped, so a cached epoch is a plain `memcpy`; `MADV_RANDOM` stops a missed fault
-  from reading 8 MiB around it); larger ones are read with `pread` into a small scratch buffer,
-  so that a terabyte stream leaves no mappings behind for the kernel to undo when it reclaims
-  the pages: with 6 GB of shards under a 3 GiB memory cgroup (a SLURM job's limit), mmap ran at
-  0.74-0.80 of a sequential read and pread at 0.96-1.09.
   Rather than wait for a worker, the main process takes a queued fill itself (or pre-faults fresh
   pages of the buffer): with workers capped at CPUs - 1, it would otherwise leave a core idle.
+- *Reads* (issue 12). A worker first asks the kernel for every range of its fill at once
+  (`posix_fadvise(WILLNEED)`: asynchronous reads, so the disk works on hundreds of requests while
+  the worker copies), then copies the ranges in file order. Before, a worker faulted its way
+  through one unit after another: about one request in flight, and each missed fault read the
+  8 MiB around it (the default read-around), mostly rows of other fills. While the files fit in
+  memory those rows were merely read early (a cold epoch ran at 0.86-1.05 of a sequential read;
+  now 1.16-1.25); when they do not (6 GB of shards in a 3 GiB memory cgroup, as under a SLURM
+  job's limit) they were evicted before use and the loader ran at 0.07 of a sequential read (now
+  1.08-1.17; `benchmarks/loader.py --cold [--memory-limit-gb]`). How a range is copied (`read`):
+  shard sets that fit in half the memory are `mmap`ped once per worker (the pages stay mapped, so
+  a cached epoch is a plain `memcpy`), with `MADV_RANDOM` so that a missed fault reads only its
+  page; larger ones are read with `pread` through a small scratch buffer, which leaves the kernel
+  no mappings to undo when it reclaims the pages (under that memory limit: 1.07 CPU s per GB
+  against mmap's 1.37).
 - *Batches.* The main process takes slots in order and cuts batches as plain contiguous slices
-  (the shuffle already happened), up-casting float16/bfloat16 in the same vectorized copy; a batch
-  may span two slots. A consumed slot goes straight back to the workers.
+  (the shuffle already happened), up-casting float16/bfloat16 in the same vectorized copy (or
+  not, with `upcast=False`, for a GPU to do it); a batch may span two slots. A consumed slot goes straight back to the workers.
 
 Shuffle quality: the epoch's order of units is uniformly random, and a batch is a uniformly random
 subset of the rows of one slot (two at a slot boundary). A batch of B rows from a slot of S rows
