@@ -31,7 +31,8 @@ Built to run at the speed of the storage (DESIGN.md, "Training"; issue 3):
   against mmap's 1.37).
 - *Batches.* The main process takes slots in order and cuts batches as plain contiguous slices
   (the shuffle already happened), up-casting float16/bfloat16 in the same vectorized copy (or
-  not, with `upcast=False`, for a GPU to do it); a batch may span two slots. A consumed slot goes straight back to the workers.
+  not, with `upcast=False`, for a GPU to do it); a batch may span two slots. A consumed slot goes
+  straight back to the workers.
 
 Shuffle quality: the epoch's order of units is uniformly random, and a batch is a uniformly random
 subset of the rows of one slot (two at a slot boundary). A batch of B rows from a slot of S rows
