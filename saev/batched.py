@@ -1,0 +1,210 @@
+"""Same-shape SAEs of one job as batched matrix products (docs/training.md, "Batched groups").
+
+SAEs of a job whose kind (activation and Matryoshka prefixes) and shapes agree form a group, and
+a training step runs each group's encoders as one `baddbmm` over stacked [N, D, S] weights and its
+decoders as one `bmm` (dense kinds) or one `embedding_bag` over N*B bags (TopK family, latent ids
+offset by n*S, so the group decodes as one wide sparse SAE). Everything else stays per SAE and
+runs the same code as an SAE on its own (`SAE.losses`, `SAE.selector`): k, sparsity
+coefficients and their warmup, JumpReLU bandwidths, BatchTopK thresholds, AuxK's dead latents,
+and, in `SAEModule`, learning rates, schedules, clipping and metrics.
+
+The stacked weights are `torch.stack` of each SAE's own Parameters, so gradients reach those
+Parameters through autograd (DDP's hooks, per-SAE Adam groups and checkpoints see nothing new);
+the copy costs N*D*S per weight, against the B*N*D*S of each product.
+
+Each SAE centers its input by its own b_dec in float32 before the product, as
+`sparse.encoder_pre_acts` does alone (the [N, B, D] centered inputs are small next to [N, B, S]),
+rather than folding b_dec into the bias, which loses precision under bf16.
+
+Shapes: N SAEs in a group, B batch, D d_model, S d_sae, M selected entries. Only torch is imported
+here, like `saev.nn`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from saev import sparse
+from saev.jumprelu import JumpReLU
+from saev.nn import SAE, TOPK_FAMILY, Output, SAEConfig
+from saev.sparse import Latents
+
+
+def group_key(cfg: SAEConfig) -> tuple:
+    """What a group's SAEs must share: the batched products need one kind and one shape."""
+    return (cfg.activation, tuple(cfg.matryoshka), cfg.d_model, cfg.d_sae)
+
+
+def groups(cfgs: Sequence[SAEConfig]) -> list[list[int]]:
+    """Indices of `cfgs` grouped by `group_key`, groups in order of their first member."""
+    out: dict[tuple, list[int]] = {}
+    for i, cfg in enumerate(cfgs):
+        out.setdefault(group_key(cfg), []).append(i)
+    return list(out.values())
+
+
+def forward_group(
+    saes: Sequence[SAE], x_BD: Tensor, scales_N: Sequence, dead_N: Sequence[bool]
+) -> list[Output]:
+    """`[sae(x_BD, scales_N[n], dead_N[n]) for n, sae in enumerate(saes)]` with the products
+    batched; the SAEs must share `group_key` and be in training mode (else they run one by one)."""
+    if len({group_key(s.cfg) for s in saes}) != 1:
+        raise ValueError("a batched group needs SAEs of one kind and shape.")
+    if len(saes) == 1 or not all(s.training for s in saes):
+        return [sae(x_BD, scales_N[n], dead_N[n]) for n, sae in enumerate(saes)]
+    x_NBD = torch.stack([sae.normalize(x_BD) for sae in saes])
+    if saes[0].cfg.activation in TOPK_FAMILY:
+        return _sparse_group(saes, x_NBD, dead_N)
+    return _dense_group(saes, x_NBD, scales_N)
+
+
+def _stack(saes: Sequence[SAE], name: str) -> Tensor:
+    return torch.stack([getattr(sae, name) for sae in saes])
+
+
+def _dense_group(saes: Sequence[SAE], x_NBD: Tensor, scales_N: Sequence) -> list[Output]:
+    cfg = saes[0].cfg
+    params = [_stack(saes, n) for n in ("W_enc", "b_enc", "b_dec")]
+    if cfg.activation == "jumprelu":
+        # float32 pre-activations under autocast, as SAE.pre_acts (the bandwidth is below bf16's
+        # resolution).
+        with torch.autocast(x_NBD.device.type, enabled=False):
+            pre_NBS = _CenteredBmm.apply(x_NBD.float(), *params)
+        theta_NS = _stack(saes, "log_threshold").exp()
+        bw_N1 = pre_NBS.new_tensor([[sae.cfg.bandwidth] for sae in saes])
+        # JumpReLU sums the threshold's gradient over dim 0: the batch, in a [B, N, S] view.
+        f_NBS = JumpReLU.apply(pre_NBS.transpose(0, 1), theta_NS, bw_N1).transpose(0, 1)
+    else:
+        pre_NBS = _CenteredBmm.apply(x_NBD, *params)
+        f_NBS = pre_NBS.relu()
+    decoded_NBD = None if cfg.matryoshka else torch.bmm(f_NBS, _stack(saes, "W_dec"))
+    return [
+        sae.losses(
+            x_NBD[n],
+            Latents.from_dense(f_NBS[n]),
+            scales_N[n],
+            pre_BS=pre_NBS[n],
+            decoded_BD=None if decoded_NBD is None else decoded_NBD[n],
+        )
+        for n, sae in enumerate(saes)
+    ]
+
+
+def _sparse_group(saes: Sequence[SAE], x_NBD: Tensor, dead_N: Sequence[bool]) -> list[Output]:
+    N, B, D = x_NBD.shape
+    S = saes[0].cfg.d_sae
+    deads = [sae.dead_latents(d) for sae, d in zip(saes, dead_N)]
+    selects = [sae.selector(B, dead_M) for sae, dead_M in zip(saes, deads)]
+    params = [_stack(saes, n) for n in ("W_enc", "b_enc", "b_dec")]
+    flat = _SparseEncodeN.apply(x_NBD, *params, selects)
+    per_sae, i = [], 0
+    for dead_M in deads:  # each SAE's (vals, rows, cols) groups: kept entries, then AuxK's
+        n_groups = 1 if dead_M is None else 2
+        per_sae.append([tuple(flat[j : j + 3]) for j in range(i, i + 3 * n_groups, 3)])
+        i += 3 * n_groups
+    decoded_NBD = None
+    if not saes[0].cfg.matryoshka:
+        # One wide sparse SAE: example n*B + b, latent n*S + s.
+        main = [g[0] for g in per_sae]
+        wide = Latents(
+            (N * B, N * S),
+            torch.cat([v for v, _, _ in main]),
+            torch.cat([r + n * B for n, (_, r, _) in enumerate(main)]),
+            torch.cat([c + n * S for n, (_, _, c) in enumerate(main)]),
+        )
+        W_dec_MD = _stack(saes, "W_dec").reshape(N * S, D)
+        decoded_NBD = sparse.sparse_decode(wide, W_dec_MD).view(N, B, D)
+    return [
+        sae.sparse_losses(
+            x_NBD[n], per_sae[n], deads[n], None if decoded_NBD is None else decoded_NBD[n]
+        )
+        for n, sae in enumerate(saes)
+    ]
+
+
+def _centered_forward(x_NBD, W_enc_NDS, b_enc_NS, b_dec_ND) -> tuple[Tensor, Tensor]:
+    """`sparse._centered_forward` of each SAE, as one baddbmm."""
+    dtype, exact = sparse._compute_dtype(x_NBD), W_enc_NDS.dtype
+    xc_NBD = x_NBD.to(exact) - b_dec_ND.to(exact)[:, None]
+    with torch.autocast(x_NBD.device.type, enabled=False):
+        pre_NBS = torch.baddbmm(b_enc_NS.to(dtype)[:, None], xc_NBD.to(dtype), W_enc_NDS.to(dtype))
+    return xc_NBD, pre_NBS
+
+
+class _CenteredBmm(torch.autograd.Function):
+    """`sparse._CenteredLinear` of N SAEs: b_dec's gradient is -W_enc @ sum_b g_b per SAE."""
+
+    @staticmethod
+    def forward(ctx, x_NBD, W_enc_NDS, b_enc_NS, b_dec_ND):
+        xc_NBD, pre_NBS = _centered_forward(x_NBD, W_enc_NDS, b_enc_NS, b_dec_ND)
+        ctx.save_for_backward(xc_NBD.to(pre_NBS.dtype), W_enc_NDS)
+        ctx.device_type = x_NBD.device.type
+        return pre_NBS
+
+    @staticmethod
+    @sparse._exact
+    def backward(ctx, g_NBS):
+        xc_NBD, W_enc_NDS = ctx.saved_tensors
+        exact = W_enc_NDS.dtype
+        g_NS = g_NBS.to(exact).sum(1)
+        g_x = g_W = g_b_dec = None
+        if ctx.needs_input_grad[0]:
+            g_x = torch.bmm(g_NBS, W_enc_NDS.to(g_NBS.dtype).transpose(1, 2)).to(exact)
+        if ctx.needs_input_grad[1]:
+            g_W = torch.bmm(xc_NBD.transpose(1, 2), g_NBS.to(xc_NBD.dtype)).to(exact)
+        if ctx.needs_input_grad[3]:
+            g_b_dec = -torch.bmm(W_enc_NDS, g_NS[..., None]).squeeze(-1)
+        return g_x, g_W, g_NS, g_b_dec
+
+
+class _SparseEncodeN(torch.autograd.Function):
+    """`sparse._SparseEncode` of N SAEs: one baddbmm, each SAE's own selection on its [B, S]
+    slice, and a backward over all SAEs' entries at once (entry ids offset by n*B and n*S): one
+    index_add for b_enc, one sparse [N*S, N*B] x [N*B, D] product for W_enc, one bmm for b_dec.
+    Returns, per SAE and per group of its selection, (vals, rows, cols) with the SAE's own ids."""
+
+    @staticmethod
+    def forward(ctx, x_NBD, W_enc_NDS, b_enc_NS, b_dec_ND, selects):
+        xc_NBD, pre_NBS = _centered_forward(x_NBD, W_enc_NDS, b_enc_NS, b_dec_ND)
+        N, B, S = pre_NBS.shape
+        outs, rows, cols, vals = [], [], [], []
+        for n, select in enumerate(selects):
+            for raw_M, rows_M, cols_M in select(pre_NBS[n]):
+                vals_M = raw_M.to(W_enc_NDS.dtype).clamp_min(0)
+                outs += [vals_M, rows_M, cols_M]
+                rows.append(rows_M + n * B)
+                cols.append(cols_M + n * S)
+                vals.append(vals_M)
+        ctx.mark_non_differentiable(*outs[1::3], *outs[2::3])
+        ctx.save_for_backward(xc_NBD, W_enc_NDS, torch.cat(rows), torch.cat(cols), torch.cat(vals))
+        ctx.device_type, ctx.sizes = x_NBD.device.type, [len(v) for v in vals]
+        return tuple(outs)
+
+    @staticmethod
+    @sparse._exact
+    def backward(ctx, *grads):
+        xc_NBD, W_enc_NDS, rows_M, cols_M, vals_M = ctx.saved_tensors
+        vals = vals_M.split(ctx.sizes)
+        N, B, D = xc_NBD.shape
+        S = W_enc_NDS.shape[2]
+        g_M = torch.cat(
+            [torch.zeros_like(v) if g is None else g.to(v) for g, v in zip(grads[0::3], vals)]
+        )
+        # ReLU's derivative: zero where the selected value was not positive.
+        g_M = g_M * (vals_M > 0)
+        g_NS = g_M.new_zeros(N * S).index_add_(0, cols_M, g_M).view(N, S)
+        g_x = g_W = g_b_dec = None
+        if ctx.needs_input_grad[0]:
+            idx_2M = torch.stack([rows_M, cols_M])
+            M_BS = torch.sparse_coo_tensor(idx_2M, g_M, (N * B, N * S), check_invariants=False)
+            W_T = W_enc_NDS.transpose(1, 2).reshape(N * S, D)
+            g_x = torch.sparse.mm(M_BS, W_T).view(N, B, D)
+        if ctx.needs_input_grad[1]:
+            g_SD = sparse._spmm_SB(cols_M, rows_M, g_M, N * S, xc_NBD.reshape(N * B, D))
+            g_W = g_SD.view(N, S, D).transpose(1, 2).to(W_enc_NDS.dtype)
+        if ctx.needs_input_grad[3]:
+            g_b_dec = -torch.bmm(W_enc_NDS, g_NS[..., None]).squeeze(-1)
+        return g_x, g_W, g_NS, g_b_dec, None
