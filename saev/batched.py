@@ -80,16 +80,16 @@ def _dense_group(saes: Sequence[SAE], x_NBD: Tensor, scales_N: Sequence) -> list
     else:
         pre_NBS = _CenteredBmm.apply(x_NBD, *params)
         f_NBS = pre_NBS.relu()
-    decoded_NBD = None if cfg.matryoshka else torch.bmm(f_NBS, _stack(saes, "W_dec"))
+    # Per-SAE views by unbind, whose backward stacks the N gradients once; indexing [n] would
+    # fill an [N, B, S] zero gradient per SAE.
+    decoded = [None] * len(saes)
+    if not cfg.matryoshka:
+        decoded = torch.bmm(f_NBS, _stack(saes, "W_dec")).unbind(0)
     return [
-        sae.losses(
-            x_NBD[n],
-            Latents.from_dense(f_NBS[n]),
-            scales_N[n],
-            pre_BS=pre_NBS[n],
-            decoded_BD=None if decoded_NBD is None else decoded_NBD[n],
+        sae.losses(x_BD, Latents.from_dense(f_BS), scale, pre_BS=pre_BS, decoded_BD=dec_BD)
+        for sae, x_BD, f_BS, scale, pre_BS, dec_BD in zip(
+            saes, x_NBD.unbind(0), f_NBS.unbind(0), scales_N, pre_NBS.unbind(0), decoded
         )
-        for n, sae in enumerate(saes)
     ]
 
 
@@ -105,7 +105,7 @@ def _sparse_group(saes: Sequence[SAE], x_NBD: Tensor, dead_N: Sequence[bool]) ->
         n_groups = 1 if dead_M is None else 2
         per_sae.append([tuple(flat[j : j + 3]) for j in range(i, i + 3 * n_groups, 3)])
         i += 3 * n_groups
-    decoded_NBD = None
+    decoded = [None] * N
     if not saes[0].cfg.matryoshka:
         # One wide sparse SAE: example n*B + b, latent n*S + s.
         main = [g[0] for g in per_sae]
@@ -115,13 +115,12 @@ def _sparse_group(saes: Sequence[SAE], x_NBD: Tensor, dead_N: Sequence[bool]) ->
             torch.cat([r + n * B for n, (_, r, _) in enumerate(main)]),
             torch.cat([c + n * S for n, (_, _, c) in enumerate(main)]),
         )
-        W_dec_MD = _stack(saes, "W_dec").reshape(N * S, D)
-        decoded_NBD = sparse.sparse_decode(wide, W_dec_MD).view(N, B, D)
+        counts_N = [len(v) for v, _, _ in main]
+        args = (wide.vals_N, wide.rows_N, wide.cols_N, wide.offsets_B(), _stack(saes, "W_dec"))
+        decoded = _SparseDecodeN.apply(*args, counts_N).unbind(0)
     return [
-        sae.sparse_losses(
-            x_NBD[n], per_sae[n], deads[n], None if decoded_NBD is None else decoded_NBD[n]
-        )
-        for n, sae in enumerate(saes)
+        sae.sparse_losses(x_BD, groups, dead_M, dec_BD)
+        for sae, x_BD, groups, dead_M, dec_BD in zip(saes, x_NBD.unbind(0), per_sae, deads, decoded)
     ]
 
 
@@ -170,17 +169,20 @@ class _SparseEncodeN(torch.autograd.Function):
     def forward(ctx, x_NBD, W_enc_NDS, b_enc_NS, b_dec_ND, selects):
         xc_NBD, pre_NBS = _centered_forward(x_NBD, W_enc_NDS, b_enc_NS, b_dec_ND)
         N, B, S = pre_NBS.shape
-        outs, rows, cols, vals = [], [], [], []
+        outs, rows, cols, vals, per_sae_vals = [], [], [], [], []
         for n, select in enumerate(selects):
+            per_sae_vals.append([])
             for raw_M, rows_M, cols_M in select(pre_NBS[n]):
                 vals_M = raw_M.to(W_enc_NDS.dtype).clamp_min(0)
                 outs += [vals_M, rows_M, cols_M]
                 rows.append(rows_M + n * B)
                 cols.append(cols_M + n * S)
                 vals.append(vals_M)
+                per_sae_vals[-1].append(vals_M)
         ctx.mark_non_differentiable(*outs[1::3], *outs[2::3])
         ctx.save_for_backward(xc_NBD, W_enc_NDS, torch.cat(rows), torch.cat(cols), torch.cat(vals))
         ctx.device_type, ctx.sizes = x_NBD.device.type, [len(v) for v in vals]
+        ctx.counts_N = [sum(len(o) for o in outs_n) for outs_n in per_sae_vals]
         return tuple(outs)
 
     @staticmethod
@@ -203,8 +205,55 @@ class _SparseEncodeN(torch.autograd.Function):
             W_T = W_enc_NDS.transpose(1, 2).reshape(N * S, D)
             g_x = torch.sparse.mm(M_BS, W_T).view(N, B, D)
         if ctx.needs_input_grad[1]:
-            g_SD = sparse._spmm_SB(cols_M, rows_M, g_M, N * S, xc_NBD.reshape(N * B, D))
-            g_W = g_SD.view(N, S, D).transpose(1, 2).to(W_enc_NDS.dtype)
+            g_NSD = _spmm_per_sae(cols_M, rows_M, g_M, ctx.counts_N, S, xc_NBD)
+            g_W = g_NSD.transpose(1, 2).to(W_enc_NDS.dtype)
         if ctx.needs_input_grad[3]:
             g_b_dec = -torch.bmm(W_enc_NDS, g_NS[..., None]).squeeze(-1)
         return g_x, g_W, g_NS, g_b_dec, None
+
+
+def _spmm_per_sae(cols_M, rows_M, vals_M, counts_N: list[int], S: int, dense_NBD) -> Tensor:
+    """[N, S, D]: for each SAE n, `sparse._spmm_SB` of its entries (the next counts_N[n], ids
+    offset by n*S and n*B) with dense_NBD[n]. One product per SAE: on CPU one [N*S, N*B]
+    product is ~2x slower than N [S, B] ones (8 x [4096, 2048], 32 entries per row)."""
+    N, B, D = dense_NBD.shape
+    out_NSD = dense_NBD.new_zeros(N, S, D)  # written in place: no stack of N results
+    parts = zip(cols_M.split(counts_N), rows_M.split(counts_N), vals_M.split(counts_N))
+    for n, (c, r, v) in enumerate(parts):
+        M_SB = torch.sparse_coo_tensor(
+            torch.stack([c - n * S, r - n * B]), v, (S, B), check_invariants=False
+        )
+        out_NSD[n].addmm_(M_SB, dense_NBD[n])  # what torch.sparse.mm does, into the slice
+    return out_NSD
+
+
+class _SparseDecodeN(torch.autograd.Function):
+    """`sparse._SparseDecode` of N SAEs as one wide SAE: one embedding_bag over N*B bags of the
+    [N*S, D] stacked decoders (ids offset by n*B, n*S) and one per-entry backward kernel; W_dec's
+    gradient one sparse product per SAE (`_spmm_per_sae`). Returns [N, B, D]."""
+
+    @staticmethod
+    def forward(ctx, vals_M, rows_M, cols_M, offsets_M, W_dec_NSD, counts_N):
+        N, S, D = W_dec_NSD.shape
+        ctx.save_for_backward(vals_M, rows_M, cols_M, offsets_M, W_dec_NSD)
+        ctx.device_type, ctx.counts_N = W_dec_NSD.device.type, counts_N
+        W_MD = W_dec_NSD.reshape(N * S, D)
+        out = torch.nn.functional.embedding_bag(
+            cols_M, W_MD, offsets_M, mode="sum", per_sample_weights=vals_M.to(W_MD.dtype)
+        )
+        return out.view(N, -1, D)
+
+    @staticmethod
+    @sparse._exact
+    def backward(ctx, g_NBD):
+        vals_M, rows_M, cols_M, offsets_M, W_dec_NSD = ctx.saved_tensors
+        N, S, D = W_dec_NSD.shape
+        g_NBD = g_NBD.to(W_dec_NSD.dtype).contiguous()
+        g_vals = g_W = None
+        if ctx.needs_input_grad[0]:
+            g_vals = torch.ops.aten._embedding_bag_per_sample_weights_backward(
+                g_NBD.view(-1, D), W_dec_NSD.reshape(N * S, D), cols_M, offsets_M, rows_M, 0, -1
+            ).to(vals_M.dtype)
+        if ctx.needs_input_grad[4]:
+            g_W = _spmm_per_sae(cols_M, rows_M, vals_M.to(g_NBD.dtype), ctx.counts_N, S, g_NBD)
+        return g_vals, None, None, None, g_W, None
