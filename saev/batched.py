@@ -162,7 +162,7 @@ class _CenteredBmm(torch.autograd.Function):
 class _SparseEncodeN(torch.autograd.Function):
     """`sparse._SparseEncode` of N SAEs: one baddbmm, each SAE's own selection on its [B, S]
     slice, and a backward over all SAEs' entries at once (entry ids offset by n*B and n*S): one
-    index_add for b_enc, one sparse [N*S, N*B] x [N*B, D] product for W_enc, one bmm for b_dec.
+    index_add for b_enc, one bmm for b_dec, and W_enc's sparse product per SAE (`_spmm_per_sae`).
     Returns, per SAE and per group of its selection, (vals, rows, cols) with the SAE's own ids."""
 
     @staticmethod
