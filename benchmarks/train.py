@@ -11,6 +11,8 @@ shared, so ratios measured side by side are what count; medians over --repeats r
    against EleutherAI's sparsify doing the same (its `Sae`, Adam, its gradient projection and
    renormalization, its dead-latent bookkeeping), when `eai-sparsify` is installed
    (`pip install saev[bench]`).
+3. `--batched-n` same-shape SAEs of each of `--batched-kinds` as one batched group (saev.batched)
+   against the same SAEs run one by one (`SAEModule(batched=False)`), same `SAEModule` step.
 
     python benchmarks/train.py                # CPU-sized: d_model 256, d_sae 8192, batch 4096
     python benchmarks/train.py --device cuda --d-model 1024 --d-sae 16384 --batch 16384 \
@@ -76,13 +78,13 @@ def sae_config(kind: str, d_model: int, d_sae: int, k: int) -> SAEConfig:
     return SAEConfig(d_sae=d_sae, **cfg).resolve(d_model)
 
 
-def module_rate(args, kind: str, n_saes: int) -> float:
+def module_rate(args, kind: str, n_saes: int, batched: bool = True) -> float:
     """SAE-activations per second of full training steps through Lightning."""
     members = [
         Member(f"{i}", sae_config(kind, args.d_model, args.d_sae, args.k), 1e-4, 0, 1.0, seed=i)
         for i in range(n_saes)
     ]
-    module = SAEModule(members, log_every=10**9, compile=args.compile)
+    module = SAEModule(members, log_every=10**9, compile=args.compile, batched=batched)
     x_BD = torch.randn(args.batch, args.d_model, device=args.device)
     timer = Timer(args.warmup, args.device)
     trainer = L.Trainer(
@@ -239,6 +241,25 @@ def compare_with_floor(args) -> None:
             print(line)
 
 
+def compare_batched(args) -> None:
+    """N same-shape SAEs as one batched group against the same N run one by one."""
+    n = args.batched_n
+    for kind in args.batched_kinds:
+        rates = {True: [], False: []}
+        for _ in range(args.repeats):
+            for batched in rates:
+                rates[batched].append(module_rate(args, kind, n, batched))
+        ratio = [a / b for a, b in zip(rates[True], rates[False])]
+        med = {b: statistics.median(r) for b, r in rates.items()}
+        step = {b: args.batch * n / r for b, r in med.items()}  # seconds per step of all N
+        print(
+            f"{kind:<9} x{n} batched {step[True] * 1e3:.4g} ms/step, {med[True]:.4g} "
+            f"SAE-activations/s | separate {step[False] * 1e3:.4g} ms/step, {med[False]:.4g} "
+            f"SAE-activations/s | batched / separate per round: "
+            f"{' '.join(f'{r:.2f}' for r in ratio)} (median {statistics.median(ratio):.2f}x)"
+        )
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--d-model", type=int, default=256)
@@ -253,7 +274,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians count")
     p.add_argument("--n-saes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--kinds", nargs="+", default=["relu", "topk", "batchtopk"])
-    p.add_argument("--skip", nargs="*", default=[], choices=["module", "sparsify"])
+    p.add_argument("--batched-n", type=int, default=8, help="SAEs per batched group")
+    p.add_argument("--batched-kinds", nargs="+", default=["relu", "topk"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["module", "sparsify", "batched"])
     args = p.parse_args()
     torch.set_float32_matmul_precision("high")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -266,6 +289,8 @@ def main() -> None:
         compare_with_sparsify(args)
     if "module" not in args.skip:
         compare_with_floor(args)
+    if "batched" not in args.skip:
+        compare_batched(args)
 
 
 if __name__ == "__main__":

@@ -44,4 +44,4 @@ class Step(torch.autograd.Function):
         z_BS, theta_S = ctx.saved_tensors
         bw = ctx.bandwidth
         g_theta = (-(1.0 / bw) * _rect((z_BS - theta_S) / bw) * g_BS).sum(0)
-        return torch.zeros_like(z_BS), g_theta, None
+        return None, g_theta, None  # no gradient for z (eq. 12)

@@ -5,6 +5,9 @@ warmup, gradient clipping and metrics. One step reads the batch once, runs every
 independent losses and takes one backward pass, so each SAE gets exactly the gradient of its own
 loss. Optimization is manual: the step removes the decoder-parallel gradient component, clips per
 SAE, steps, and renormalizes decoder rows, in that order.
+
+SAEs of one kind and shape run as a batched group (saev.batched): their products are batched,
+while everything above stays per SAE.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from saev import batched as batching
 from saev.data import upcast_batch
 from saev.metrics import SAEMetrics, dead_fraction
 from saev.nn import SAE, Output, SAEConfig
@@ -56,6 +60,7 @@ class SAEModule(L.LightningModule):
         log_every: int = 50,
         compile: bool = False,
         log_fn: Callable[[str, dict, int], None] | None = None,
+        batched: bool = True,
     ):
         super().__init__()
         if len({m.name for m in members}) != len(members):
@@ -63,6 +68,11 @@ class SAEModule(L.LightningModule):
         self.automatic_optimization = False
         self.members = members
         self.saes = torch.nn.ModuleList(SAE(m.sae, seed=m.seed) for m in members)
+        self.groups = batching.groups([m.sae for m in members])
+        """Indices of the SAEs whose training forward runs batched (`batched=False`: one each,
+        for comparisons)."""
+        if not batched:
+            self.groups = [[i] for i in range(len(members))]
         if norm_mean_D is not None:
             for sae in self.saes:
                 sae.set_norm(norm_mean_D, norm_scale)
@@ -99,8 +109,15 @@ class SAEModule(L.LightningModule):
 
     def forward_all(self, x_BD: Tensor, scales_N: Tensor, dead_N: tuple[bool, ...]) -> list[Output]:
         """Every SAE on the same raw batch; `scales_N` are the sparsity warmup factors, `dead_N`
-        whether each SAE has trained long enough for a latent to be dead (else AuxK is skipped)."""
-        return [sae(x_BD, scales_N[i], dead_N[i]) for i, sae in enumerate(self.saes)]
+        whether each SAE has trained long enough for a latent to be dead (else AuxK is skipped).
+        Each group of same-kind, same-shape SAEs runs as batched products."""
+        outs: list[Output | None] = [None] * len(self.saes)
+        for group in self.groups:
+            saes = [self.saes[i] for i in group]
+            got = batching.forward_group(saes, x_BD, scales_N[group], [dead_N[i] for i in group])
+            for i, out in zip(group, got):
+                outs[i] = out
+        return outs
 
     def _global_sum(self, t: Tensor) -> Tensor:
         """`t` summed over the DDP ranks (itself in one process)."""

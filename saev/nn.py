@@ -323,13 +323,24 @@ class SAE(nn.Module):
         """TopK family: one dense encoder product, then only the selected entries (saev.sparse):
         the decoder reads k rows per example, the backward writes only the selected latents'
         encoder columns; AuxK reads only the dead latents' columns."""
+        dead_M = self.dead_latents(may_be_dead)
+        select = self.selector(len(x_BD), dead_M)
+        groups = sparse.sparse_encode(x_BD, self.W_enc, self.b_enc, self.b_dec, select)
+        return self.sparse_losses(x_BD, groups, dead_M)
+
+    def dead_latents(self, may_be_dead: bool = True) -> Tensor | None:
+        """Indices of the dead latents AuxK trains, or None when AuxK is off or none is dead."""
         cfg = self.cfg
-        B, S = x_BD.shape[0], cfg.d_sae
-        dead_M = None
-        if self.training and cfg.aux_k > 0 and may_be_dead:
-            # One host sync: AuxK is skipped outright when nothing is dead.
-            dead_M = (self.tokens_since_fired >= cfg.dead_after_tokens).nonzero().squeeze(1)
-            dead_M = dead_M if len(dead_M) else None
+        if not (self.training and cfg.aux_k > 0 and may_be_dead):
+            return None
+        # One host sync: AuxK is skipped outright when nothing is dead.
+        dead_M = (self.tokens_since_fired >= cfg.dead_after_tokens).nonzero().squeeze(1)
+        return dead_M if len(dead_M) else None
+
+    def selector(self, B: int, dead_M: Tensor | None) -> sparse.Selector:
+        """The TopK family's selection from [B, S] pre-activations: the kept entries, then (if
+        `dead_M`) AuxK's entries among the dead latents."""
+        cfg = self.cfg
 
         def select(pre_BS: Tensor) -> list:
             if cfg.activation == "topk":
@@ -341,14 +352,19 @@ class SAE(nn.Module):
                 groups.append(sparse.topk_among(pre_BS, dead_M, cfg.aux_k))
             return groups
 
-        groups = sparse.sparse_encode(x_BD, self.W_enc, self.b_enc, self.b_dec, select)
-        latents = Latents((B, S), *groups[0])
-        if cfg.activation == "batchtopk":
+        return select
+
+    def sparse_losses(
+        self, x_BD: Tensor, groups: list, dead_M: Tensor | None, decoded_BD: Tensor | None = None
+    ) -> Output:
+        """Losses of the entries `selector(B, dead_M)` chose (`groups`, with gradient)."""
+        latents = Latents((x_BD.shape[0], self.cfg.d_sae), *groups[0])
+        if self.cfg.activation == "batchtopk":
             self._update_threshold(latents.vals_N.detach())
         aux = None
         if dead_M is not None:
-            aux = (Latents((B, S), *groups[1]), len(dead_M))
-        return self.losses(x_BD, latents, aux=aux)
+            aux = (Latents(latents.shape, *groups[1]), len(dead_M))
+        return self.losses(x_BD, latents, aux=aux, decoded_BD=decoded_BD)
 
     # -- losses --------------------------------------------------------------------------------
     def losses(
@@ -358,14 +374,18 @@ class SAE(nn.Module):
         sparsity_scale=1.0,
         pre_BS: Tensor | None = None,
         aux: tuple[Latents, int] | None = None,
+        decoded_BD: Tensor | None = None,
     ) -> Output:
         """Losses of normalized inputs given their latents (`pre_BS`, the pre-activations, for
-        JumpReLU's L0; `aux`, AuxK's dead-latent entries and the number of dead latents)."""
+        JumpReLU's L0; `aux`, AuxK's dead-latent entries and the number of dead latents;
+        `decoded_BD`, latents @ W_dec when a batched group computed it (saev.batched))."""
         cfg = self.cfg
         if cfg.matryoshka:
             x_hat_BD, mse = self._matryoshka_mse(x_BD, latents)
         else:
-            x_hat_BD = self._decode_norm(latents) + self.b_dec
+            if decoded_BD is None:
+                decoded_BD = self._decode_norm(latents)
+            x_hat_BD = decoded_BD + self.b_dec
             mse = _sq_error(x_hat_BD, x_BD)
         zero = mse.new_zeros(())
         sparsity = zero
