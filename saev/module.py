@@ -69,8 +69,8 @@ class SAEModule(L.LightningModule):
         self.members = members
         self.saes = torch.nn.ModuleList(SAE(m.sae, seed=m.seed) for m in members)
         self.groups = batching.groups([m.sae for m in members])
-        """Indices of the SAEs whose training forward runs batched (`batched=False`: one each,
-        for comparisons)."""
+        """Indices of the SAEs whose training forward runs batched (`batched=False`: one each;
+        the job's `batched` setting)."""
         if not batched:
             self.groups = [[i] for i in range(len(members))]
         if norm_mean_D is not None:

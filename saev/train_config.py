@@ -98,6 +98,9 @@ class TrainConfig:
     """"32" or "bf16-mixed" (bf16 autocast, float32 weights and optimizer state)."""
     compile: bool = False
     """torch.compile the step's forward pass (all SAEs together)."""
+    batched: bool | None = None
+    """Run same-kind, same-shape SAEs as batched products (saev.batched); None: on a GPU only
+    (on 2 CPU cores groups of 8 ran at 0.73-0.94x the separate step; docs/training.md)."""
     val_every: int = 0
     """Validate every this many steps; 0: only at the end (always at the end)."""
     log_every: int = 50

@@ -267,8 +267,9 @@ def train(configs: list[TrainConfig]) -> pathlib.Path:
     if rank == 0:
         log = MetricsLog(run_dir, configs, run_id)
     stats = dm.norm_stats
+    batched = on_gpu(job) if job.batched is None else job.batched
     module = SAEModule(
-        members, stats.mean_D, stats.scale, job.log_every, job.compile, log and log.log
+        members, stats.mean_D, stats.scale, job.log_every, job.compile, log and log.log, batched
     )
     trainer = make_trainer(job, run_dir, n_steps, [RewindLog(log)] if log else [])
     val = LazyLoader(dm.val_dataloader) if len(dm.val_examples) else None

@@ -166,6 +166,7 @@ def assert_same_weights(a: dict, b: dict, name: str) -> None:
 @pytest.mark.slow
 def test_train_py_groups_end_where_each_sae_ends_alone(shard_root, tmp_path):
     base = common(shard_root, tmp_path / "joint") + ["wandb.enabled=false", "run_id=joint"]
+    base += ["batched=true"]  # the default batches on a GPU only
     joint = train_cli(base + [members_override(MEMBERS)])
     job = json.loads((joint / "job.json").read_text())
     assert [c["name"] for c in job] == list(MEMBERS)
@@ -182,7 +183,9 @@ def test_train_py_groups_end_where_each_sae_ends_alone(shard_root, tmp_path):
 
 
 def group_configs(shard_root, tmp_path, extra=()) -> list:
-    cfg = configs(common(shard_root, tmp_path) + TOPK + ["wandb.enabled=false", *extra])
+    cfg = configs(
+        common(shard_root, tmp_path) + TOPK + ["wandb.enabled=false", "batched=true", *extra]
+    )
     return [
         dataclasses.replace(cfg, name="a"),
         dataclasses.replace(cfg, name="b", lr=1e-3, seed=1, sae=dataclasses.replace(cfg.sae, k=5)),
@@ -228,7 +231,7 @@ def test_compiled_batched_step_matches_eager(shard_root, tmp_path):
 @pytest.mark.slow
 def test_ddp_with_a_batched_group_ends_where_one_process_ends(shard_root, tmp_path):
     members = {k: MEMBERS[k] for k in ("topk-a", "topk-b", "relu-a", "relu-b")}
-    args = ["wandb.enabled=false", members_override(members)]
+    args = ["wandb.enabled=false", "batched=true", members_override(members)]
     one = train_cli(common(shard_root, tmp_path / "one") + args)
     ddp = train_cli(common(shard_root, tmp_path / "ddp") + args + DDP)
     for name in members:
@@ -241,9 +244,25 @@ def test_ddp_with_a_batched_group_ends_where_one_process_ends(shard_root, tmp_pa
 def test_run_api_names_and_safetensors_are_unchanged(shard_root, tmp_path):
     """A group writes each SAE's own sae.safetensors, loadable on its own."""
     run = run_api(
-        common(shard_root, tmp_path) + ["sae=relu", "sae.exp_factor=2", "n_train=640"],
+        common(shard_root, tmp_path)
+        + ["sae=relu", "sae.exp_factor=2", "n_train=640", "batched=true"],
         names=["x", "y"],
     )
     for name in ("x", "y"):
         state = safetensors.torch.load_file(run / name / "sae.safetensors")
         assert state["W_enc"].shape == (16, 32) and state["W_dec"].shape == (32, 16)
+
+
+@pytest.mark.parametrize("setting,expected", [(None, torch.cuda.is_available()), ("true", True)])
+def test_groups_batch_on_a_gpu_unless_asked(shard_root, tmp_path, monkeypatch, setting, expected):
+    """batched=null (the default) batches on a GPU only, where per-SAE products cost launches; on
+    the CPU a group was slower than its SAEs one by one. batched=true forces it."""
+    calls = []
+    real = batched._sparse_group
+    monkeypatch.setattr(batched, "_sparse_group", lambda *a: (calls.append(1), real(*a))[1])
+    extra = [] if setting is None else [f"batched={setting}"]
+    run_api(
+        common(shard_root, tmp_path) + ["sae=topk", "sae.exp_factor=2", "n_train=640", *extra],
+        names=["x", "y"],
+    )
+    assert bool(calls) == expected
