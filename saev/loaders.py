@@ -100,6 +100,21 @@ def memory_bytes() -> int:
     return limit
 
 
+def allow_open_files(n: int) -> None:
+    """A worker keeps one descriptor per shard it reads (a mapping holds one too): lift the soft
+    limit on open files (often 1024, below the shard count of a large recording) toward the hard
+    one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n + 256  # and some for everything else
+    if soft != resource.RLIM_INFINITY and soft < want:
+        resource.setrlimit(
+            resource.RLIMIT_NOFILE,
+            (want if hard == resource.RLIM_INFINITY else min(want, hard), hard),
+        )
+
+
 def resolve_read(read: str, shard_set: shards.ShardSet) -> str:
     """`read` with "auto" resolved: mmap when the shard files fit in half the memory (they can
     stay cached, and mapped pages copy fastest), else pread (see module doc)."""
@@ -196,8 +211,10 @@ class Source:
         self.dtype, self.n_layers, self.n_tokens = md.dtype, md.n_layers, md.n_tokens_per_example
         self.row_bytes = md.d_model * shards.DTYPE_ITEMSIZE[md.dtype]
         self.starts = np.array([f.first_example for f in shard_set.files], dtype=np.int64)
+        allow_open_files(len(shard_set.files))
         self._flat: dict[int, np.ndarray] = {}
         self._fds: dict[int, int] = {}
+        self._maps: dict[int, mmap.mmap] = {}
         self._scratch_RD: np.ndarray | None = None
 
     def _rows_of(self, i: int) -> np.ndarray:
@@ -207,6 +224,7 @@ class Source:
             # Pages come from prefetch(); a fault that still misses reads just its page, not
             # the 8 MiB around it that the default read-around would (mostly other fills' rows).
             mm._mmap.madvise(mmap.MADV_RANDOM)
+            self._maps[i] = mm._mmap
             flat = mm.reshape(-1, self.shard_set.metadata.d_model)
             self._flat[i] = flat.view(np.ndarray)  # plain ndarray: no memmap hooks on slicing
         return self._flat[i]
@@ -220,13 +238,18 @@ class Source:
 
     def prefetch(self, file_U: np.ndarray, row_U: np.ndarray, n_rows_U: np.ndarray) -> None:
         """Ask the kernel for every range at once (asynchronous reads; a no-op for cached pages),
-        so that the disk has many requests in flight while the ranges are copied one by one."""
-        if not HAS_FADVISE:
-            return
+        so that the disk has many requests in flight while the ranges are copied one by one.
+        Mapped shards are asked through their mapping (`madvise`, the same readahead as
+        `posix_fadvise`), so that a worker holds one descriptor per shard either way."""
+        page = mmap.PAGESIZE
         for i, r0, n in zip(file_U.tolist(), row_U.tolist(), n_rows_U.tolist()):
-            os.posix_fadvise(
-                self._fd(i), r0 * self.row_bytes, n * self.row_bytes, os.POSIX_FADV_WILLNEED
-            )
+            start, length = r0 * self.row_bytes, n * self.row_bytes
+            if self.read == "mmap" or not HAS_FADVISE:
+                self._rows_of(i)
+                aligned = start - start % page
+                self._maps[i].madvise(mmap.MADV_WILLNEED, aligned, start + length - aligned)
+            else:
+                os.posix_fadvise(self._fd(i), start, length, os.POSIX_FADV_WILLNEED)
 
     def _pread(self, i: int, row0: int, dst_RD: np.ndarray) -> None:
         """dst_RD <- rows [row0, row0 + len(dst_RD)) of shard i's flat view."""

@@ -577,3 +577,17 @@ def test_batches_can_keep_the_storage_dtype(tmp_path, dtype, skip_nonfinite):
     assert len(ex) == 23 * 6 - skip_nonfinite
     with ShuffledLoader(root, -1, 16, "all", seed=2, **kw) as loader:  # the same batches
         np.testing.assert_array_equal(collect(loader)[1], act)
+
+
+def test_workers_may_open_a_descriptor_per_shard():
+    """Large recordings have more shards than the usual soft limit of 1024 open files."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))
+        loaders.allow_open_files(1000)
+        got = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        assert got == (1256 if hard == resource.RLIM_INFINITY else min(1256, hard))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
