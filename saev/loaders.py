@@ -16,9 +16,10 @@ Built to run at the speed of the storage (DESIGN.md, "Training"; issue 3):
   Rather than wait for a worker, the main process takes a queued fill itself (or pre-faults fresh
   pages of the buffer): with workers capped at CPUs - 1, it would otherwise leave a core idle.
 - *Reads* (issue 12). A worker first asks the kernel for every range of its fill at once
-  (`posix_fadvise(WILLNEED)`: asynchronous reads, so the disk works on hundreds of requests while
-  the worker copies), then copies the ranges in file order. Before, a worker faulted its way
-  through one unit after another: about one request in flight, and each missed fault read the
+  (`WILLNEED` through `madvise` or `posix_fadvise`: asynchronous reads, so the disk works on
+  hundreds of requests while the worker copies), then copies the ranges in file order. Before, a
+  worker faulted its way through one unit after another: about one request in flight, and each
+  missed fault read the
   8 MiB around it (the default read-around), mostly rows of other fills. While the files fit in
   memory those rows were merely read early (a cold epoch ran at 0.86-1.05 of a sequential read;
   now 1.16-1.25); when they do not (6 GB of shards in a 3 GiB memory cgroup, as under a SLURM
