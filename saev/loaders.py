@@ -19,17 +19,16 @@ Built to run at the speed of the storage (DESIGN.md, "Training"; issue 3):
   (`WILLNEED` through `madvise` or `posix_fadvise`: asynchronous reads, so the disk works on
   hundreds of requests while the worker copies), then copies the ranges in file order. Before, a
   worker faulted its way through one unit after another: about one request in flight, and each
-  missed fault read the
-  8 MiB around it (the default read-around), mostly rows of other fills. While the files fit in
-  memory those rows were merely read early (a cold epoch ran at 0.86-1.05 of a sequential read;
-  now 1.16-1.25); when they do not (6 GB of shards in a 3 GiB memory cgroup, as under a SLURM
-  job's limit) they were evicted before use and the loader ran at 0.07 of a sequential read (now
-  1.08-1.17; `benchmarks/loader.py --cold [--memory-limit-gb]`). How a range is copied (`read`):
-  shard sets that fit in half the memory are `mmap`ped once per worker (the pages stay mapped, so
-  a cached epoch is a plain `memcpy`), with `MADV_RANDOM` so that a missed fault reads only its
-  page; larger ones are read with `pread` through a small scratch buffer, which leaves the kernel
-  no mappings to undo when it reclaims the pages (under that memory limit: 1.07 CPU s per GB
-  against mmap's 1.37).
+  missed fault read the 8 MiB around it (the default read-around), mostly rows of other fills.
+  While the files fit in memory those rows were merely read early (a cold epoch ran at 0.86-1.05
+  of a sequential read; now 1.16-1.25); when they do not (6 GB of shards in a 3 GiB memory cgroup,
+  as under a SLURM job's limit) they were evicted before use and the loader ran at 0.07 of a
+  sequential read (now 1.08-1.17; `benchmarks/loader.py --cold [--memory-limit-gb]`). How a range
+  is copied (`read`): shard sets that fit in half the memory are `mmap`ped once per worker (the
+  pages stay mapped, so a cached epoch is a plain `memcpy`), with `MADV_RANDOM` so that a missed
+  fault reads only its page; larger ones are read with `pread` through a small scratch buffer,
+  which leaves the kernel no mappings to undo when it reclaims the pages (under that memory limit:
+  1.07 CPU s per GB against mmap's 1.37).
 - *Batches.* The main process takes slots in order and cuts batches as plain contiguous slices
   (the shuffle already happened), up-casting float16/bfloat16 in the same vectorized copy (or
   not, with `upcast=False`, for a GPU to do it); a batch may span two slots. A consumed slot goes
