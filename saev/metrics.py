@@ -13,6 +13,9 @@ from torch import Tensor
 
 DENSE_FREQ = 0.01
 """A latent firing on more than this fraction of tokens is dense."""
+COUNT_ELEMENTS = 2**22
+"""Latent activity is counted in row chunks of about this many [B, S] elements: summing a bool
+tensor makes an int64 copy of it (1 GiB at B = S = 16384), a chunk's copy is 32 MiB."""
 
 
 class SAEMetrics(torchmetrics.Metric):
@@ -43,14 +46,16 @@ class SAEMetrics(torchmetrics.Metric):
 
     def update(self, x_BD: Tensor, x_hat_BD: Tensor, f_BS: Tensor) -> None:
         x_BD, r_BD = x_BD.double(), (x_BD.double() - x_hat_BD.double())
-        active_BS = f_BS != 0
         self.n += x_BD.shape[0]
         self.sse += r_BD.pow(2).sum()
         self.sum_xsq += x_BD.pow(2).sum()
         self.sum_x += x_BD.sum(0)
         self.sum_r += r_BD.sum(0)
-        self.l0 += active_BS.sum()
-        self.fired += active_BS.sum(0)
+        rows = max(1, COUNT_ELEMENTS // max(1, f_BS.shape[-1]))
+        for f_bS in f_BS.split(rows):
+            fired_S = (f_bS != 0).sum(0)
+            self.fired += fired_S
+            self.l0 += fired_S.sum()
 
     def compute(self) -> dict[str, Tensor]:
         """Scalars, plus `freqs`: each latent's firing frequency [S]."""

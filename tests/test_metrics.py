@@ -1,12 +1,16 @@
 """SAEMetrics against direct float64 recomputation."""
 
 import numpy as np
+import pytest
 import torch
 
+from saev import metrics
 from saev.metrics import SAEMetrics, dead_fraction
 
 
-def test_metrics_match_direct_computation():
+@pytest.mark.parametrize("count_elements", [2**22, 45])  # 45: rows counted 2 at a time
+def test_metrics_match_direct_computation(monkeypatch, count_elements):
+    monkeypatch.setattr(metrics, "COUNT_ELEMENTS", count_elements)
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(300, 8, generator=gen) * 3 + 5
     x_hat = x + 0.3 * torch.randn(300, 8, generator=gen) + 0.1
