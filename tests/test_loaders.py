@@ -352,10 +352,16 @@ def test_prefaulting_the_buffer_keeps_exactly_once(tmp_path, monkeypatch, advice
     """The main process maps pages of slots that a worker may be filling at the same time."""
     root, stored = make_shards(tmp_path, n_examples=60, d_model=64)
     monkeypatch.setattr(loaders, "PREFAULT_BYTES", 4 * mmap.PAGESIZE)
-    if advice == "fails":  # a kernel without MADV_POPULATE_WRITE: EINVAL, workers fault pages in
+    if advice == "fails":  # a kernel without MADV_POPULATE_*: EINVAL, the writes fault pages in
         monkeypatch.setattr(loaders, "MADV_POPULATE_WRITE", -1)
+        monkeypatch.setattr(loaders, "MADV_POPULATE_READ", -1)
     with ShuffledLoader(root, 3, 50, "all", seed=2, n_workers=1, buffer_mb=0.25) as loader:
-        assert len(loader._pipeline._fresh if loader._pipeline else [None]) > 0
+        loader.start()
+        fresh, slot_bytes = loader._pipeline._fresh, loader._pipeline.slots[0].nbytes
+        # In the order slots are first filled, from the middle of slot 0 (a worker maps its start).
+        assert [a for a, _ in fresh] == sorted(a for a, _ in fresh)
+        assert fresh[0][0] == slot_bytes // 2 // mmap.PAGESIZE * mmap.PAGESIZE
+        assert fresh[-1][0] + fresh[-1][1] == len(loader._pipeline._buf)
         for _ in range(2):
             _, act, ex, tok = collect(loader)
             assert sorted(zip(ex.tolist(), tok.tolist())) == [
@@ -363,6 +369,48 @@ def test_prefaulting_the_buffer_keeps_exactly_once(tmp_path, monkeypatch, advice
             ]
             np.testing.assert_array_equal(act, stored[ex, 0, tok])
         assert loader._pipeline._fresh == []
+
+
+def test_map_slot_maps_once_and_keeps_the_contents():
+    """A process maps a slot once, in one page-aligned call covering it; the pages keep what
+    another process wrote."""
+    page = mmap.PAGESIZE
+    slot_bytes = page + 904  # slots that do not start or end on a page boundary
+
+    class Recording(mmap.mmap):
+        calls: list = []
+
+        def madvise(self, advice, start, length):
+            self.calls.append((advice, start, length))
+            return super().madvise(advice, start, length)
+
+    buf = Recording(-1, 3 * slot_bytes)
+    slots = np.frombuffer(buf, dtype=np.uint8).reshape(3, slot_bytes)
+    expected = np.arange(3 * slot_bytes).reshape(3, slot_bytes) % 251
+    slots[:] = expected
+    mapped: set[int] = set()
+    for slot in (1, 1, 2, 0):
+        loaders.map_slot(buf, slots, slot, mapped)
+    assert mapped == {0, 1, 2}
+    assert [start for _, start, _ in buf.calls] == [page, 2 * page, 0]
+    for (advice, start, length), slot in zip(buf.calls, (1, 2, 0)):
+        assert advice == loaders.MADV_POPULATE_READ and start % page == 0
+        assert start <= slot * slot_bytes and start + length >= (slot + 1) * slot_bytes
+    np.testing.assert_array_equal(slots, expected)
+
+
+def test_batch_arrays_are_reused_small_page_arrays(tmp_path):
+    """Batch arrays come from a pool of writable small-page arrays, reused once released."""
+    root, stored = make_shards(tmp_path)
+    with ShuffledLoader(root, 3, 16, seed=0, n_workers=0, buffer_mb=0.002) as loader:
+        seen = set()
+        for batch in loader:
+            seen.add(batch["act"].numpy().__array_interface__["data"][0])
+        assert 1 <= len(seen) <= 3  # the consumer holds one batch while the next one is cut
+    arr = data.small_page_array((5, 7), np.float32)
+    assert arr.shape == (5, 7) and arr.dtype == np.float32 and arr.flags.writeable
+    arr[:] = 1.5
+    assert arr.sum() == 52.5
 
 
 class _IdleWorker:
