@@ -11,7 +11,8 @@ each dtype: the raw bandwidth (each whole file read into a fresh numpy array, th
 bandwidth over one full epoch including its start-up (constructing it, forking the workers,
 mapping the files and touching the buffer for the first time), their ratio, the same for the
 loader's second epoch (what a long training run sees), and the CPU time per GB of each (the
-loader's over both epochs, workers included), which does not depend on what else runs.
+loader's over both epochs, workers included), which does not depend on what else runs, and the
+start-up: how much longer the first epoch took than the second, and when its first batch came.
 Bandwidth is bytes of the shard files per second, so float16 numbers compare like with like
 (the loader hands out twice those bytes as float32, or the same bytes with --keep-16bit: what
 a GPU run's host does, the GPU up-casting after the transfer).
@@ -130,9 +131,10 @@ def loader_epochs(
     upcast=True,
 ):
     """Seconds for a fresh loader's first epoch (its start-up included) and for its second
-    epoch (workers, memory maps and buffer already set up), the rows served per epoch, and the
-    distinct examples of each batch; with a CUDA `device`, each batch is also copied into it (the
-    bandwidth into the GPU); with `cold`, the files are evicted before each epoch."""
+    epoch (workers, memory maps and buffer already set up), the rows served per epoch, the
+    distinct examples of each batch, and the seconds until the first batch; with a CUDA
+    `device`, each batch is also copied into it (the bandwidth into the GPU); with `cold`, the
+    files are evicted before each epoch."""
     import torch
 
     to_device = device != "cpu"
@@ -144,9 +146,12 @@ def loader_epochs(
         root, 0, batch_size, "patches", seed=seed, n_workers=n_workers, buffer_mb=buffer_mb,
         read=read, upcast=upcast,
     )  # fmt: skip
+    first_batch = None
     for epoch in range(2):
         rows.append(0)
         for batch in loader:
+            if first_batch is None:
+                first_batch = time.perf_counter() - start
             act = batch["act"].to(device, non_blocking=True) if to_device else batch["act"]
             rows[-1] += len(act)
             if len(act) == batch_size:
@@ -158,7 +163,7 @@ def loader_epochs(
             evict(root)
         start = time.perf_counter()
     loader.close()
-    return seconds, rows, distinct
+    return seconds, rows, distinct, first_batch
 
 
 def measure(root, paths, n_bytes: int, row_bytes: int, args):
@@ -169,7 +174,7 @@ def measure(root, paths, n_bytes: int, row_bytes: int, args):
     """
     hows = ["read16"] if args.cold else ["fromfile", "memmap"]
     raw, loader_bw, cpu = {how: [] for how in hows}, [], {"raw": [], "loader": []}
-    steady_bw, distinct = [], []
+    steady_bw, distinct, startup = [], [], {"extra": [], "first_batch": []}
     for seed in range(args.passes):
         for how in raw:
             if args.cold:
@@ -178,7 +183,7 @@ def measure(root, paths, n_bytes: int, row_bytes: int, args):
             raw[how].append(n_bytes / raw_pass(paths, how))
             cpu["raw"].append((cpu_seconds() - c0) / (n_bytes / 1e9))
         c0 = cpu_seconds()
-        seconds, rows, batch_distinct = loader_epochs(
+        seconds, rows, batch_distinct, first_batch = loader_epochs(
             root, args.batch_size, args.buffer_mb, args.n_workers, seed, args.device, args.cold,
             args.read, not args.keep_16bit,
         )  # fmt: skip
@@ -187,7 +192,9 @@ def measure(root, paths, n_bytes: int, row_bytes: int, args):
         assert all(n * row_bytes == n_bytes for n in rows)  # every activation, each epoch
         loader_bw.append(n_bytes / seconds[0])
         steady_bw.append(n_bytes / seconds[1])
-    return raw, loader_bw, steady_bw, cpu, distinct
+        startup["extra"].append(seconds[0] - seconds[1])
+        startup["first_batch"].append(first_batch)
+    return raw, loader_bw, steady_bw, cpu, distinct, startup
 
 
 def main() -> None:
@@ -220,7 +227,9 @@ def main() -> None:
         if not args.cold:
             raw_pass(paths, "fromfile")  # warm the page cache
         row_bytes = args.d_model * shards.DTYPE_ITEMSIZE[dtype]
-        raw, loader_bw, steady_bw, cpu, distinct = measure(root, paths, n_bytes, row_bytes, args)
+        raw, loader_bw, steady_bw, cpu, distinct, startup = measure(
+            root, paths, n_bytes, row_bytes, args
+        )
         read = resolve_read(args.read, shards.open_shards(root))
         # fadvise cannot drop pages that the workers keep mapped: mmap's second epoch is cached.
         second_note = "; files may stay cached, mapped" if args.cold and read == "mmap" else ""
@@ -238,7 +247,9 @@ def main() -> None:
             f"{', '.join(f'{b / 1e9:.2f}' for b in steady_bw)} GB/s, median "
             f"{statistics.median(steady_bw) / raw_bw:.0%} of raw | CPU s per GB: raw "
             f"{statistics.median(cpu['raw']):.2f}, loader {statistics.median(cpu['loader']):.2f}"
-            f" | distinct examples per batch {statistics.median(distinct):.0f}"
+            f" | distinct examples per batch {statistics.median(distinct):.0f}\n  start-up: "
+            f"first epoch - second {statistics.median(startup['extra']):.2f} s, first batch after"
+            f" {statistics.median(startup['first_batch']):.2f} s"
         )
     print(f"load average {os.getloadavg()}")
 
