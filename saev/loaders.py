@@ -29,6 +29,14 @@ Built to run at the speed of the storage (DESIGN.md, "Training"; issue 3):
   fault reads only its page; larger ones are read with `pread` through a small scratch buffer,
   which leaves the kernel no mappings to undo when it reclaims the pages (under that memory limit:
   1.07 CPU s per GB against mmap's 1.37).
+- *Start-up* (a fresh loader's first epoch). Shared memory comes in 4 KiB pages, and every
+  process maps each page into its own page tables: one fault per page and process, plus the
+  host's faults in a VM that hands freed memory back to its host, as this one does. So the main
+  process allocates the buffer ahead of the workers while it waits for the first fill, in the
+  order the slots are first filled, and each process maps a slot with one populate call the
+  first time it uses it (`map_slot`); batch arrays are in small pages (`data.small_page_array`).
+  On this 2-core VM the first epoch of 2 GB float32 (1 GB float16) shards went from 0.93 to
+  0.77 s (0.74 to 0.57 s) with these; touching a fresh 512 MiB buffer still costs ~0.27 s.
 - *Batches.* The main process takes slots in order and cuts batches as plain contiguous slices
   (the shuffle already happened), up-casting float16/bfloat16 in the same vectorized copy (or
   not, with `upcast=False`, for a GPU to do it); a batch may span two slots. A consumed slot goes
