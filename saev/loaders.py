@@ -62,6 +62,7 @@ import os
 import pathlib
 import queue
 import signal
+import threading
 import traceback
 
 import numpy as np
@@ -82,6 +83,10 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 READS = ("auto", "mmap", "pread")
 SCRATCH_BYTES = 2**20  # pread's bounce buffer: a shuffled range stays in L2 for its scatter
 HAS_FADVISE = hasattr(os, "posix_fadvise")  # not on macOS: no prefetch there
+FORK_WITH_THREADS = (
+    "Forking loader workers while other threads run (%s): a worker could inherit a lock one of "
+    "them holds and hang. Start the loaders (ShardDataModule.start_readers) before such threads."
+)
 
 
 def memory_bytes() -> int:
@@ -438,7 +443,15 @@ class Pipeline:
         ]
 
     def _start(self) -> None:
-        ctx = mp.get_context("fork")  # ms to start, like torch's DataLoader workers on Linux
+        # Forked (ms to start, like torch's DataLoader workers on Linux). A fork copies only the
+        # calling thread, and a lock another thread held stays held in the child, so workers
+        # start before other threads exist (`saev.training` starts them first; a job's threads
+        # end with it, for the next job of an in-process multirun); an info line names any (not a
+        # warning: a notebook kernel always runs threads, and torch's DataLoader forks there too).
+        others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
+        if others:
+            logger.info(FORK_WITH_THREADS, ", ".join(others))
+        ctx = mp.get_context("fork")
         self._tasks, self._results = ctx.Queue(), ctx.Queue()
         for _ in range(self.n_workers):
             args = (self.source, self._buf, self.slots, self._tasks, self._results, os.getpid())
@@ -547,9 +560,19 @@ class Pipeline:
     def close(self) -> None:
         for _ in self._procs:
             self._tasks.put(None)
+        all_stopped = True  # each worker took its sentinel, so no task is left in the pipe
         for p in self._procs:
             p.join(timeout=5)
             if p.is_alive():
                 p.terminate()
+            all_stopped &= p.exitcode == 0
+        if self._procs:
+            # End the task queue's feeder thread, which would outlive the loader (see _start).
+            # Only when the pipe is empty: a task nobody reads would block it (and the join).
+            self._tasks.close()
+            if all_stopped:
+                self._tasks.join_thread()
+            else:
+                self._tasks.cancel_join_thread()
         self._procs = []
         self._outstanding = 0  # no worker is left to write into a slot (nor to answer _drain)

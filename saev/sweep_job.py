@@ -77,6 +77,10 @@ def run_job(cfg) -> pathlib.Path:
         raise JobFailed(reason) from None
     finally:
         signals.restore()
+        if "wandb" in sys.modules:
+            # End W&B's service threads with the job: the next job of an in-process multirun
+            # forks its loader workers, which must not run beside them (saev.loaders, _start).
+            sys.modules["wandb"].teardown()
     return run_dir
 
 

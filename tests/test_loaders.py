@@ -3,6 +3,8 @@
 import math
 import mmap
 import os
+import queue
+import threading
 
 import numpy as np
 import pytest
@@ -413,6 +415,16 @@ def test_batch_arrays_are_reused_small_page_arrays(tmp_path):
     assert arr.sum() == 52.5
 
 
+class _ThreadQueue(queue.Queue):
+    """A thread queue with the calls Pipeline.close makes on a multiprocessing one."""
+
+    def close(self):
+        pass
+
+    def cancel_join_thread(self):
+        pass
+
+
 class _IdleWorker:
     """Stands in for a worker process that never takes a task."""
 
@@ -430,7 +442,6 @@ class _IdleWorker:
 
 def test_main_process_fills_queued_slots_when_workers_lag(tmp_path):
     """Workers that never take a task: the main process fills every slot itself (Pipeline._help)."""
-    import queue
 
     root, stored = make_shards(tmp_path)
     with ShuffledLoader(root, -1, 16, "all", seed=3, n_workers=2, buffer_mb=0.002) as loader:
@@ -440,7 +451,7 @@ def test_main_process_fills_queued_slots_when_workers_lag(tmp_path):
         )  # fmt: skip
         pipeline = loader._pipeline
         pipeline._procs = [_IdleWorker()]
-        pipeline._tasks, pipeline._results = queue.Queue(), queue.Queue()
+        pipeline._tasks, pipeline._results = _ThreadQueue(), _ThreadQueue()
         for _ in range(2):
             _, act, ex, tok = collect(loader)
             assert sorted(zip(ex.tolist(), tok.tolist())) == [
@@ -484,6 +495,50 @@ def test_iter_from_is_the_epoch_s_tail_without_reading_what_comes_before(
             # Every row read is served, except those of the one fill the resume point falls in.
             served = sum(len(b["act"]) for b in tail)
             assert served <= sum(rows_read) < served + loader.slot_rows
+
+
+def test_closed_loaders_leave_no_thread_and_a_fork_beside_one_is_named(tmp_path, caplog):
+    """A closed loader's queue threads are gone, so the next loader of the process (the next job
+    of an in-process multirun) forks its workers alone; forking beside another thread warns."""
+    caplog.set_level("INFO", logger="saev.loaders")  # info: notebooks always run threads
+    root, stored = make_shards(tmp_path)
+    before = set(threading.enumerate())
+    with ShuffledLoader(root, 3, 16, seed=0, n_workers=2, buffer_mb=0.002) as loader:
+        collect(loader)
+        assert set(threading.enumerate()) > before  # the task queue's feeder thread
+    assert set(threading.enumerate()) == before
+    assert loaders.FORK_WITH_THREADS.split("(")[0] not in caplog.text
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait, name="someone-else", daemon=True)
+    other.start()
+    try:
+        with ShuffledLoader(root, 3, 16, seed=0, n_workers=2, buffer_mb=0.002) as loader:
+            _, act, ex, tok = collect(loader)
+        np.testing.assert_array_equal(act, stored[ex, 0, tok])  # layer 3 is stored first
+    finally:
+        stop.set()
+        other.join()
+    assert "Forking loader workers while other threads run (someone-else)" in caplog.text
+
+
+def test_a_killed_worker_is_an_error_and_close_returns(tmp_path):
+    """A worker killed mid-epoch (OOM) stops the epoch with an error, and closing the loader
+    returns although tasks that nobody will read are left in the queue."""
+    import signal
+    import time
+
+    root, _ = make_shards(tmp_path, n_examples=60)
+    loader = ShuffledLoader(root, 3, 4, seed=0, n_workers=1, buffer_mb=0.002)
+    batches = iter(loader)
+    next(batches)
+    os.kill(loader._pipeline._procs[0].pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="a loader worker died"):
+        for _ in batches:
+            pass
+    loader.close()
+    assert time.monotonic() - start < 30
+    assert loader._pipeline._procs == []
 
 
 def test_workers_die_with_a_killed_main_process(tmp_path):
