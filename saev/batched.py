@@ -124,12 +124,16 @@ def _sparse_group(saes: Sequence[SAE], x_NBD: Tensor, dead_N: Sequence[bool]) ->
     ]
 
 
-def _centered_forward(x_NBD, W_enc_NDS, b_enc_NS, b_dec_ND) -> tuple[Tensor, Tensor]:
-    """`sparse._centered_forward` of each SAE, as one baddbmm."""
+def _centered_forward(x_NBD, W_enc_NDS, b_enc_NS, b_dec_ND, reuse=False) -> tuple[Tensor, Tensor]:
+    """`sparse._centered_forward` of each SAE, as one baddbmm (`reuse`: into a workspace)."""
     dtype, exact = sparse._compute_dtype(x_NBD), W_enc_NDS.dtype
     xc_NBD = x_NBD.to(exact) - b_dec_ND.to(exact)[:, None]
+    N, B, S = x_NBD.shape[0], x_NBD.shape[1], W_enc_NDS.shape[2]
+    out = sparse.workspace((N, B, S), x_NBD, dtype) if reuse else None
     with torch.autocast(x_NBD.device.type, enabled=False):
-        pre_NBS = torch.baddbmm(b_enc_NS.to(dtype)[:, None], xc_NBD.to(dtype), W_enc_NDS.to(dtype))
+        pre_NBS = torch.baddbmm(
+            b_enc_NS.to(dtype)[:, None], xc_NBD.to(dtype), W_enc_NDS.to(dtype), out=out
+        )
     return xc_NBD, pre_NBS
 
 
@@ -167,7 +171,8 @@ class _SparseEncodeN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_NBD, W_enc_NDS, b_enc_NS, b_dec_ND, selects):
-        xc_NBD, pre_NBS = _centered_forward(x_NBD, W_enc_NDS, b_enc_NS, b_dec_ND)
+        # pre_NBS is dropped here, as in sparse._SparseEncode: into a reused workspace.
+        xc_NBD, pre_NBS = _centered_forward(x_NBD, W_enc_NDS, b_enc_NS, b_dec_ND, reuse=True)
         N, B, S = pre_NBS.shape
         outs, rows, cols, vals, per_sae_vals = [], [], [], [], []
         for n, select in enumerate(selects):

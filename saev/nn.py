@@ -343,14 +343,12 @@ class SAE(nn.Module):
         cfg = self.cfg
 
         def select(pre_BS: Tensor) -> list:
+            # AuxK first: BatchTopK then clamps pre_BS in place (its caller drops it after this).
+            aux = [] if dead_M is None else [sparse.topk_among(pre_BS, dead_M, cfg.aux_k)]
             if cfg.activation == "topk":
-                groups = [sparse.topk_rows(pre_BS, cfg.k)]
-            else:
-                # Rows of a batch share k*B slots; 4k candidates per row cover all but rare rows.
-                groups = [sparse.topk_batch(pre_BS, self._n_keep(B), 4 * cfg.k)]
-            if dead_M is not None:
-                groups.append(sparse.topk_among(pre_BS, dead_M, cfg.aux_k))
-            return groups
+                return [sparse.topk_rows(pre_BS, cfg.k), *aux]
+            # Rows of a batch share k*B slots; 4k candidates per row cover all but rare rows.
+            return [sparse.topk_batch(pre_BS, self._n_keep(B), 4 * cfg.k, inplace=True), *aux]
 
         return select
 

@@ -99,6 +99,34 @@ def test_sparse_step_equals_dense_reference(kind, n_dead, matryoshka):
     assert torch.equal(sae.tokens_since_fired == 0, fired)
 
 
+def test_pre_activations_reuse_one_workspace_across_steps_and_saes():
+    """On CPU the TopK family computes its [B, S] pre-activations into one reused tensor: each
+    step of two same-shape SAEs, interleaved, equals the dense reference on its own batch."""
+    sparse._WORKSPACES.clear()
+    saes = [make("topk", seed=0), make("batchtopk", seed=1)]
+    pointers = set()
+    for step in range(3):
+        for sae in saes:
+            x = batch(seed=step)
+            _, x_hat_ref, _, _, loss_ref, grads = dense_reference(sae, x, None)
+            sae.zero_grad()
+            out = sae(x)
+            out.loss.backward()
+            torch.testing.assert_close(out.x_hat, x_hat_ref)
+            torch.testing.assert_close(out.loss, loss_ref)
+            for name, g in grads.items():
+                torch.testing.assert_close(getattr(sae, name).grad, g, msg=name)
+            pointers |= {t.data_ptr() for t in sparse._WORKSPACES.values()}
+    assert [tuple(t.shape) for t in sparse._WORKSPACES.values()] == [(B, S)]
+    assert len(pointers) == 1
+    # A workspace made under inference mode (validation comes first) still serves training.
+    sparse._WORKSPACES.clear()
+    with torch.inference_mode():
+        saes[0](batch())
+    saes[0](batch()).loss.backward()
+    assert len(sparse._WORKSPACES) == 1
+
+
 def test_auxk_skipped_without_dead_latents_and_before_dead_after_tokens():
     sae = make("topk", dead_after_tokens=1000)
     sae.tokens_since_fired.fill_(1000)
