@@ -15,6 +15,7 @@ Only torch is imported here, like `saev.nn`.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -101,7 +102,7 @@ def encoder_pre_acts(x_BD: Tensor, W_enc_DS: Tensor, b_enc_S: Tensor, b_dec_D: T
     return _CenteredLinear.apply(x_BD, W_enc_DS, b_enc_S, b_dec_D)
 
 
-_WORKSPACES: dict[tuple, Tensor] = {}
+_WORKSPACES: dict[torch.dtype, Tensor] = {}
 
 
 def workspace(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype) -> Tensor | None:
@@ -111,14 +112,16 @@ def workspace(shape: tuple[int, ...], like: Tensor, dtype: torch.dtype) -> Tenso
 
     A fresh [B, S] tensor is fresh memory, faulted in page by page at every step: on this 2-core
     VM a [4096, 256] x [256, 8192] product took 144-168 ms into a fresh output and 105-130 ms into
-    a reused one. The SAEs of a step run one after another, so SAEs of one shape share one."""
+    a reused one. The SAEs of a step run one after another, so they all share one buffer per
+    dtype, as large as the largest of them needs: no more memory than the step's peak."""
     if like.device.type != "cpu" or torch.compiler.is_compiling():
         return None
-    key = (tuple(shape), dtype)
-    if key not in _WORKSPACES:
+    numel = math.prod(shape)
+    if dtype not in _WORKSPACES or _WORKSPACES[dtype].numel() < numel:
+        _WORKSPACES.pop(dtype, None)  # freed before the larger one is made
         with torch.inference_mode(False):  # a normal tensor, so that training may write it too
-            _WORKSPACES[key] = torch.empty(shape, dtype=dtype)
-    return _WORKSPACES[key]
+            _WORKSPACES[dtype] = torch.empty(numel, dtype=dtype)
+    return _WORKSPACES[dtype][:numel].view(shape)
 
 
 def _centered_forward(x_BD, W_enc_DS, b_enc_S, b_dec_D, reuse=False) -> tuple[Tensor, Tensor]:

@@ -117,8 +117,15 @@ def test_pre_activations_reuse_one_workspace_across_steps_and_saes():
             for name, g in grads.items():
                 torch.testing.assert_close(getattr(sae, name).grad, g, msg=name)
             pointers |= {t.data_ptr() for t in sparse._WORKSPACES.values()}
-    assert [tuple(t.shape) for t in sparse._WORKSPACES.values()] == [(B, S)]
+    assert [t.numel() for t in sparse._WORKSPACES.values()] == [B * S]
     assert len(pointers) == 1
+    # A smaller shape is served from the same buffer; a larger one replaces it.
+    small = sparse.workspace((B // 2, S), batch(), torch.float64)
+    assert small.data_ptr() in pointers and small.shape == (B // 2, S)
+    large = sparse.workspace((2 * B, S), batch(), torch.float64)
+    assert large.shape == (2 * B, S) and [t.numel() for t in sparse._WORKSPACES.values()] == [
+        2 * B * S
+    ]
     # A workspace made under inference mode (validation comes first) still serves training.
     sparse._WORKSPACES.clear()
     with torch.inference_mode():
