@@ -14,8 +14,19 @@
 # only if SIZES=small). Written without a GPU: it has been run on CPU, never yet on a GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}  # the lent GPU machine's python3 holds its PyTorch
 DEVICE=${DEVICE:-cuda}
+# Nothing can be fetched on the lent GPU machine, and its image lacks hydra-core, omegaconf,
+# antlr4 and open_clip (+ ftfy, wcwidth): they travel as wheels in the git-ignored .whl/ (the
+# device tool's `carry: [".whl"]`; made with `pip download`/`pip wheel`, see the closing notes).
+if ! $PY -c "import hydra, omegaconf, open_clip" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null
+then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # saev and hydra_plugins from this checkout
+$PY -c "import saev.training, torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 if [[ ${SIZES:-full} == small ]]; then
     SAE=(--d-model 256 --d-sae 2048 --batch 2048)
     LOADER=(--gb 0.2 --d-model 256 --batch-size 4096)
