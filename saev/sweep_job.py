@@ -77,11 +77,21 @@ def run_job(cfg) -> pathlib.Path:
         raise JobFailed(reason) from None
     finally:
         signals.restore()
-        if "wandb" in sys.modules:
-            # End W&B's service threads with the job: the next job of an in-process multirun
-            # forks its loader workers, which must not run beside them (saev.loaders, _start).
-            sys.modules["wandb"].teardown()
+        if not signals.flag.is_set():  # a signal's exit (submitit's requeue) must pass untouched
+            end_wandb()
     return run_dir
+
+
+def end_wandb() -> None:
+    """End W&B's service threads with the job: the next job of an in-process multirun forks its
+    loader workers, which must not run beside them (saev.loaders, Pipeline._start). Best effort:
+    a service that is already gone (SLURM ended the job's processes) raises here."""
+    if "wandb" not in sys.modules:
+        return
+    try:
+        sys.modules["wandb"].teardown()
+    except Exception as err:  # the job's own result stands
+        print(f"note: W&B teardown failed ({one_line(err)})", file=sys.stderr)
 
 
 class SignalWatch:
