@@ -13,6 +13,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import mmap
 import os
 import sys
 
@@ -356,8 +357,6 @@ def small_page_array(shape: tuple[int, ...], dtype) -> np.ndarray:
     touch of a 50 MB batch array took 0.10-0.13 s in huge pages against 0.03 s in small ones,
     on the main process's path to the first batches.
     """
-    import mmap
-
     n_bytes = max(1, math.prod(shape) * np.dtype(dtype).itemsize)
     buf = mmap.mmap(-1, n_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):

@@ -71,6 +71,12 @@ def dense_reference(sae: SAE, x_BD: torch.Tensor, dead_S: torch.Tensor | None):
     return f_BS, x_hat_BD, mse, aux, loss, grads
 
 
+def assert_grads(sae: SAE, grads: dict) -> None:
+    """Every parameter's gradient equals the reference's."""
+    for name, g in grads.items():
+        torch.testing.assert_close(getattr(sae, name).grad, g, msg=name)
+
+
 @pytest.mark.parametrize("kind", list(KIND))
 @pytest.mark.parametrize("n_dead", [0, 5, 40])
 @pytest.mark.parametrize("matryoshka", [[], [0.25, 0.5]])
@@ -92,8 +98,7 @@ def test_sparse_step_equals_dense_reference(kind, n_dead, matryoshka):
     torch.testing.assert_close(out.aux, aux_ref)
     torch.testing.assert_close(out.loss, loss_ref)
     assert (out.aux > 0) == (n_dead > 0)
-    for name, g in grads.items():
-        torch.testing.assert_close(getattr(sae, name).grad, g, msg=name)
+    assert_grads(sae, grads)
     # The fired-latent bookkeeping sees the same latents as the dense [B, S] tensor.
     fired = (f_ref > 0).any(0)
     assert torch.equal(sae.tokens_since_fired == 0, fired)
@@ -114,8 +119,7 @@ def test_pre_activations_reuse_one_workspace_across_steps_and_saes():
             out.loss.backward()
             torch.testing.assert_close(out.x_hat, x_hat_ref)
             torch.testing.assert_close(out.loss, loss_ref)
-            for name, g in grads.items():
-                torch.testing.assert_close(getattr(sae, name).grad, g, msg=name)
+            assert_grads(sae, grads)
             pointers |= {t.data_ptr() for t in sparse._WORKSPACES.values()}
     assert [t.numel() for t in sparse._WORKSPACES.values()] == [B * S]
     assert len(pointers) == 1
@@ -245,5 +249,4 @@ def test_sparse_step_on_cuda_equals_dense_reference(kind):
     out.loss.backward()
     torch.testing.assert_close(out.f_x, f_ref)
     torch.testing.assert_close(out.loss, loss_ref)
-    for name, g in grads.items():
-        torch.testing.assert_close(getattr(sae, name).grad, g, msg=name)
+    assert_grads(sae, grads)
