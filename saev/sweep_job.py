@@ -77,7 +77,7 @@ def run_job(cfg) -> pathlib.Path:
         raise JobFailed(reason) from None
     finally:
         signals.restore()
-        if not signals.flag.is_set():  # a signal's exit (submitit's requeue) must pass untouched
+        if not signals.caught(grace_s=0.0):  # a signal's exit (submitit's requeue) passes untouched
             end_wandb()
     return run_dir
 

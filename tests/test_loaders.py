@@ -401,14 +401,33 @@ def test_map_slot_maps_once_and_keeps_the_contents():
     np.testing.assert_array_equal(slots, expected)
 
 
+def _vm_flags(address: int) -> list[str]:
+    """The VmFlags of this process's mapping that holds `address` (Linux /proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                inside = lo <= address < hi
+            elif inside and head == "VmFlags:":
+                return line.split()[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
 def test_batch_arrays_are_reused_small_page_arrays(tmp_path):
-    """Batch arrays come from a pool of writable small-page arrays, reused once released."""
+    """Batch arrays come from a pool of writable arrays in small pages (no huge pages asked
+    for), reused once released."""
     root, stored = make_shards(tmp_path)
     with ShuffledLoader(root, 3, 16, seed=0, n_workers=0, buffer_mb=0.002) as loader:
-        seen = set()
+        seen, n_batches = set(), 0
         for batch in loader:
-            seen.add(batch["act"].numpy().__array_interface__["data"][0])
-        assert 1 <= len(seen) <= 3  # the consumer holds one batch while the next one is cut
+            address = batch["act"].numpy().__array_interface__["data"][0]
+            assert "nh" in _vm_flags(address)  # MADV_NOHUGEPAGE
+            seen.add(address)
+            n_batches += 1
+        assert n_batches > 3 and 1 <= len(seen) <= 3  # one held while the next one is cut
     arr = data.small_page_array((5, 7), np.float32)
     assert arr.shape == (5, 7) and arr.dtype == np.float32 and arr.flags.writeable
     arr[:] = 1.5
