@@ -149,16 +149,18 @@ def loader_epochs(
     first_batch = None
     for epoch in range(2):
         rows.append(0)
+        examples = []  # of full batches; counted after the clock stops (np.unique: ~1 ms a batch)
         for batch in loader:
             if first_batch is None:
                 first_batch = time.perf_counter() - start
             act = batch["act"].to(device, non_blocking=True) if to_device else batch["act"]
             rows[-1] += len(act)
             if len(act) == batch_size:
-                distinct.append(len(np.unique(batch["example_idx"].numpy())))
+                examples.append(batch["example_idx"].numpy().copy())
         if to_device and torch.device(device).type == "cuda":
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
+        distinct += [len(np.unique(ex)) for ex in examples]
         if cold and epoch == 0:
             evict(root)
         start = time.perf_counter()

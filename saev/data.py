@@ -140,11 +140,16 @@ class _Loader:
         its rows: the same for every world size, so that the ranks of a DDP run together hold
         exactly the rows a one-process run puts at each stream position."""
         U, N = self.units_per_fill, self.world_size if self.interleaved else 1
+        g0 = 0  # the fill's first stream position
         for i in range(0, len(units_in_order), U):
             units = np.sort(units_in_order[i : i + U])
             len_U = self.layout.decode(units)[2]
             n_rows = int(len_U.sum())
-            pos_R = np.arange(n_rows) if rng is None else rng.permutation(n_rows)
+            if rng is None:
+                pos_R = np.arange(n_rows)
+            else:
+                pos_R = batch_grouped(rng.permutation(n_rows), g0, self.batch_size)
+            g0 += n_rows
             if N > 1:
                 mine_U = np.arange(len(units)) % N == self.rank
                 pos_R = pos_R[np.repeat(mine_U, len_U)]
@@ -362,6 +367,25 @@ def small_page_array(shape: tuple[int, ...], dtype) -> np.ndarray:
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         buf.madvise(mmap.MADV_NOHUGEPAGE)
     return np.frombuffer(buf, dtype=dtype, count=math.prod(shape)).reshape(shape)
+
+
+def batch_grouped(perm_R: np.ndarray, g0: int, batch_size: int) -> np.ndarray:
+    """`perm_R` (row r of a fill goes to fill position perm_R[r]; the fill starts at stream
+    position g0) with each batch's rows put in fill order: every row stays in its batch, so each
+    batch holds the same uniformly random subset of rows, and only the order within a batch,
+    which no training step depends on, changes.
+
+    Why: the workers scatter rows in fill order to their positions in the slot. A uniformly
+    random order sends consecutive rows to random pages of a 128 MiB slot (a TLB and cache miss
+    per row: 0.41 us per 1.5 KiB float16 row here); in batch order they go to a few sequential
+    streams, one per batch the fill reaches (0.21 us, near memcpy's 0.17).
+    """
+    batch_R = (perm_R + g0) // batch_size - g0 // batch_size  # batch within the fill, from 0
+    small = np.min_scalar_type(int(batch_R.max(initial=0)))  # 16 bits or fewer: a radix sort
+    order = np.argsort(batch_R.astype(small), kind="stable")
+    grouped_R = np.empty_like(perm_R)
+    grouped_R[order] = np.arange(len(perm_R), dtype=perm_R.dtype)
+    return grouped_R
 
 
 def _scatter(x_R: np.ndarray, perm_R: np.ndarray) -> np.ndarray:

@@ -9,7 +9,9 @@ Built to run at the speed of the storage (DESIGN.md, "Training"; issue 3):
 - *Slots.* The shuffle buffer (`buffer_mb`, in the storage dtype) is one shared-memory array of
   `n_workers + 2` slots; a slot holds `units_per_fill` units. The loader hands each slot a *fill*
   (consecutive units of the epoch's random permutation, sorted by file position) and a random
-  permutation of the fill's rows. At most CPUs - 1 worker processes start (the main process
+  permutation of the fill's rows, in which the rows of each batch keep file order
+  (`data.batch_grouped`: a worker's scatter then writes a few sequential streams, not random
+  rows, twice as fast). At most CPUs - 1 worker processes start (the main process
   needs a core of its own); the slots, and so the order, follow `n_workers` regardless.
 - *Workers.* Forked processes (start-up in milliseconds) copy each unit straight to its permuted
   rows of the slot, and check it for NaN/inf while it is in cache. Several fills are in flight.
@@ -43,8 +45,9 @@ Built to run at the speed of the storage (DESIGN.md, "Training"; issue 3):
   straight back to the workers.
 
 Shuffle quality: the epoch's order of units is uniformly random, and a batch is a uniformly random
-subset of the rows of one slot (two at a slot boundary). A batch of B rows from a slot of S rows
-holding U units of r rows draws from about U * (1 - (1 - B/S)^r) distinct units (so examples).
+subset of the rows of one slot (two at a slot boundary), in file order within each slot's part.
+A batch of B rows from a slot of S rows holding U units of r rows draws from about
+U * (1 - (1 - B/S)^r) distinct units (so examples).
 For 196-patch, 768-d float32 shards, runs of 49 rows and batches of 16384 rows with 2 workers
 (4 slots): buffer_mb=256 gives U=445, ~445 distinct images per batch; 512 gives ~890; 1024
 gives ~1780. Every selected token appears exactly once per epoch. `tests/test_loaders.py` checks

@@ -174,6 +174,32 @@ def test_shuffle_quality_matches_the_documented_formula(tmp_path):
     assert runs[0] > 2.5 * whole[0]  # and so do shorter runs
 
 
+@pytest.mark.parametrize("g0,batch_size", [(0, 7), (5, 7), (3, 1), (2, 1000)])
+def test_batch_grouped_keeps_each_row_s_batch_and_puts_a_batch_in_fill_order(g0, batch_size):
+    perm_R = np.random.default_rng(g0).permutation(100)
+    grouped_R = data.batch_grouped(perm_R, g0, batch_size)
+    np.testing.assert_array_equal(np.sort(grouped_R), np.arange(100))  # still a permutation
+    np.testing.assert_array_equal((grouped_R + g0) // batch_size, (perm_R + g0) // batch_size)
+    rows_in_position_order = np.argsort(grouped_R)
+    for b in np.unique((perm_R + g0) // batch_size):
+        rows = rows_in_position_order[(np.sort(grouped_R) + g0) // batch_size == b]
+        assert np.all(np.diff(rows) > 0)  # the batch's rows in the order the fill read them
+
+
+def test_a_batch_is_its_fills_rows_in_file_order(tmp_path):
+    """Workers scatter rows to few sequential streams (one per batch), not to random rows; a
+    batch is still a random subset of its slot (test_shuffle_quality_...)."""
+    root, _ = make_shards(tmp_path, n_examples=40)
+    with ShuffledLoader(root, 3, 16, seed=0, n_workers=2, buffer_mb=0.004) as loader:
+        batches = collect(loader)[0]
+        n_slots_rows = loader.slot_rows
+    assert n_slots_rows > 16  # a fill spans batches
+    for b in batches:
+        file_pos = (b["example_idx"] * 6 + b["token_idx"]).numpy()
+        # One ascending run per fill the batch reaches: at most two for a batch below a slot.
+        assert np.sum(np.diff(file_pos) < 0) <= 1
+
+
 @pytest.mark.parametrize("world_size", [2, 3])
 def test_ranks_split_each_global_batch_of_the_one_process_run(tmp_path, world_size):
     """Under DDP the ranks' batch b together holds exactly the one-process batch b (so the
