@@ -399,7 +399,12 @@ def test_slurm_sweep_and_a_requeued_job_resumes_exactly(shard_root, tmp_path):
         job_id = wait_for(lambda: job_id_of(sweep_dir, 0), 10, "job 0's SLURM id")
         subprocess.run(["scontrol", "requeue", job_id], check=True)
         wait_for(lambda: squeue_state(job_id) == "PENDING", 60, "the requeued job to be pending")
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)
+
+        def restarted() -> bool:  # started at once, it could meet a revoked credential (below)
+            release_held({job_id})
+            return squeue_state(job_id) != "PENDING"
+
+        wait_for(restarted, 60, "the requeued job to start again")
         out, err = proc.communicate(timeout=400)
     finally:
         proc.kill()
