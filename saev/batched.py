@@ -115,9 +115,8 @@ def _sparse_group(saes: Sequence[SAE], x_NBD: Tensor, dead_N: Sequence[bool]) ->
             torch.cat([r + n * B for n, (_, r, _) in enumerate(main)]),
             torch.cat([c + n * S for n, (_, _, c) in enumerate(main)]),
         )
-        counts_N = [len(v) for v, _, _ in main]
         args = (wide.vals_N, wide.rows_N, wide.cols_N, wide.offsets_B(), _stack(saes, "W_dec"))
-        decoded = _SparseDecodeN.apply(*args, counts_N).unbind(0)
+        decoded = _SparseDecodeN.apply(*args).unbind(0)
     return [
         sae.sparse_losses(x_BD, groups, dead_M, dec_BD)
         for sae, x_BD, groups, dead_M, dec_BD in zip(saes, x_NBD.unbind(0), per_sae, deads, decoded)
@@ -166,7 +165,7 @@ class _CenteredBmm(torch.autograd.Function):
 class _SparseEncodeN(torch.autograd.Function):
     """`sparse._SparseEncode` of N SAEs: one baddbmm, each SAE's own selection on its [B, S]
     slice, and a backward over all SAEs' entries at once (entry ids offset by n*B and n*S): one
-    index_add for b_enc, one bmm for b_dec, and W_enc's sparse product per SAE (`_spmm_per_sae`).
+    index_add for b_enc, one bmm for b_dec, and one sparse product for W_enc (`sparse.sparse_mm`).
     Returns, per SAE and per group of its selection, (vals, rows, cols) with the SAE's own ids."""
 
     @staticmethod
@@ -174,20 +173,17 @@ class _SparseEncodeN(torch.autograd.Function):
         # pre_NBS is dropped here, as in sparse._SparseEncode: into a reused workspace.
         xc_NBD, pre_NBS = _centered_forward(x_NBD, W_enc_NDS, b_enc_NS, b_dec_ND, reuse=True)
         N, B, S = pre_NBS.shape
-        outs, rows, cols, vals, per_sae_vals = [], [], [], [], []
+        outs, rows, cols, vals = [], [], [], []
         for n, select in enumerate(selects):
-            per_sae_vals.append([])
             for raw_M, rows_M, cols_M in select(pre_NBS[n]):
                 vals_M = raw_M.to(W_enc_NDS.dtype).clamp_min(0)
                 outs += [vals_M, rows_M, cols_M]
                 rows.append(rows_M + n * B)
                 cols.append(cols_M + n * S)
                 vals.append(vals_M)
-                per_sae_vals[-1].append(vals_M)
         ctx.mark_non_differentiable(*outs[1::3], *outs[2::3])
         ctx.save_for_backward(xc_NBD, W_enc_NDS, torch.cat(rows), torch.cat(cols), torch.cat(vals))
         ctx.device_type, ctx.sizes = x_NBD.device.type, [len(v) for v in vals]
-        ctx.counts_N = [sum(len(o) for o in outs_n) for outs_n in per_sae_vals]
         return tuple(outs)
 
     @staticmethod
@@ -205,43 +201,26 @@ class _SparseEncodeN(torch.autograd.Function):
         g_NS = g_M.new_zeros(N * S).index_add_(0, cols_M, g_M).view(N, S)
         g_x = g_W = g_b_dec = None
         if ctx.needs_input_grad[0]:
-            idx_2M = torch.stack([rows_M, cols_M])
-            M_BS = torch.sparse_coo_tensor(idx_2M, g_M, (N * B, N * S), check_invariants=False)
             W_T = W_enc_NDS.transpose(1, 2).reshape(N * S, D)
-            g_x = torch.sparse.mm(M_BS, W_T).view(N, B, D)
+            g_x = sparse.sparse_mm(rows_M, cols_M, g_M, N * B, W_T).view(N, B, D)
         if ctx.needs_input_grad[1]:
-            g_NSD = _spmm_per_sae(cols_M, rows_M, g_M, ctx.counts_N, S, xc_NBD)
-            g_W = g_NSD.transpose(1, 2).to(W_enc_NDS.dtype)
+            g_NSD = sparse.sparse_mm(cols_M, rows_M, g_M, N * S, xc_NBD.reshape(N * B, D))
+            g_W = g_NSD.view(N, S, D).transpose(1, 2).to(W_enc_NDS.dtype)
         if ctx.needs_input_grad[3]:
             g_b_dec = -torch.bmm(W_enc_NDS, g_NS[..., None]).squeeze(-1)
         return g_x, g_W, g_NS, g_b_dec, None
 
 
-def _spmm_per_sae(cols_M, rows_M, vals_M, counts_N: list[int], S: int, dense_NBD) -> Tensor:
-    """[N, S, D]: for each SAE n, `sparse._spmm_SB` of its entries (the next counts_N[n], ids
-    offset by n*S and n*B) with dense_NBD[n]. One product per SAE: on CPU one [N*S, N*B]
-    product is ~2x slower than N [S, B] ones (8 x [4096, 2048], 32 entries per row)."""
-    N, B, D = dense_NBD.shape
-    out_NSD = dense_NBD.new_zeros(N, S, D)  # written in place: no stack of N results
-    parts = zip(cols_M.split(counts_N), rows_M.split(counts_N), vals_M.split(counts_N))
-    for n, (c, r, v) in enumerate(parts):
-        M_SB = torch.sparse_coo_tensor(
-            torch.stack([c - n * S, r - n * B]), v, (S, B), check_invariants=False
-        )
-        out_NSD[n].addmm_(M_SB, dense_NBD[n])  # what torch.sparse.mm does, into the slice
-    return out_NSD
-
-
 class _SparseDecodeN(torch.autograd.Function):
     """`sparse._SparseDecode` of N SAEs as one wide SAE: one embedding_bag over N*B bags of the
     [N*S, D] stacked decoders (ids offset by n*B, n*S) and one per-entry backward kernel; W_dec's
-    gradient one sparse product per SAE (`_spmm_per_sae`). Returns [N, B, D]."""
+    gradient one sparse product (`sparse.sparse_mm`). Returns [N, B, D]."""
 
     @staticmethod
-    def forward(ctx, vals_M, rows_M, cols_M, offsets_M, W_dec_NSD, counts_N):
+    def forward(ctx, vals_M, rows_M, cols_M, offsets_M, W_dec_NSD):
         N, S, D = W_dec_NSD.shape
         ctx.save_for_backward(vals_M, rows_M, cols_M, offsets_M, W_dec_NSD)
-        ctx.device_type, ctx.counts_N = W_dec_NSD.device.type, counts_N
+        ctx.device_type = W_dec_NSD.device.type
         W_MD = W_dec_NSD.reshape(N * S, D)
         out = torch.nn.functional.embedding_bag(
             cols_M, W_MD, offsets_M, mode="sum", per_sample_weights=vals_M.to(W_MD.dtype)
@@ -260,5 +239,5 @@ class _SparseDecodeN(torch.autograd.Function):
                 g_NBD.view(-1, D), W_dec_NSD.reshape(N * S, D), cols_M, offsets_M, rows_M, 0, -1
             ).to(vals_M.dtype)
         if ctx.needs_input_grad[4]:
-            g_W = _spmm_per_sae(cols_M, rows_M, vals_M.to(g_NBD.dtype), ctx.counts_N, S, g_NBD)
-        return g_vals, None, None, None, g_W, None
+            g_W = sparse.sparse_mm(cols_M, rows_M, vals_M, N * S, g_NBD.view(-1, D)).view(N, S, D)
+        return g_vals, None, None, None, g_W

@@ -3,8 +3,9 @@ and backward operation touches only the selected latents.
 
 A TopK SAE keeps k of S latents per example, yet differentiating `scatter(topk(pre))` densely
 pays a [B, S] gradient and a second B x S x D product for the encoder weight gradient. Here the
-encoder weight gradient is a sparse [S, B] x dense [B, D] product over the B*k selected entries,
-and decoding is `embedding_bag` over the k active decoder rows with a sparse backward, so a step
+encoder weight gradient is a sparse [S, B] x dense [B, D] product over the B*k selected entries
+(`sparse_mm`: itself an `embedding_bag`, a bag per latent), and decoding is `embedding_bag` over
+the k active decoder rows with a sparse backward, so a step
 costs one B x S x D product plus O(B k D) (the same accounting as EleutherAI's sparsify, whose
 `fused_encoder.py` uses an index_add; this implementation is our own). Shapes: B batch, D d_model,
 S d_sae, N selected entries, A AuxK entries.
@@ -87,12 +88,24 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
-def _spmm_SB(cols_N: Tensor, rows_N: Tensor, vals_N: Tensor, S: int, dense_BD: Tensor) -> Tensor:
-    """sum over entries n of vals_N[n] * dense_BD[rows_N[n]] into row cols_N[n]: the [S, B]
-    sparse matrix (N nonzeros) times [B, D], without a [N, D] intermediate."""
-    idx_2N = torch.stack([cols_N, rows_N])
-    M_SB = torch.sparse_coo_tensor(idx_2N, vals_N, (S, dense_BD.shape[0]), check_invariants=False)
-    return torch.sparse.mm(M_SB, dense_BD)
+def sparse_mm(
+    rows_N: Tensor, cols_N: Tensor, vals_N: Tensor, n_rows: int, dense_CD: Tensor, rows_sorted=False
+) -> Tensor:
+    """[n_rows, D] = M @ dense_CD for the sparse [n_rows, C] matrix M whose entry n is vals_N[n] at
+    (rows_N[n], cols_N[n]) (repeats add up): one `embedding_bag` with a bag per row of M, over the
+    entries sorted by row (`rows_sorted`: they already are), without an [N, D] intermediate.
+
+    On this 2-core CPU it is 3-6x faster than torch.sparse.mm of a COO matrix, which coalesces (a
+    sort and a merge of all entries) and then loops over them: 3.5 against 11.3 ms for the W_enc
+    gradient of B = 4096, S = 8192, D = 256, k = 32, and 0.9 against 5.8 ms for the input's."""
+    if not rows_sorted:
+        order_N = torch.argsort(rows_N, stable=True)  # stable: a fixed summation order
+        cols_N, vals_N = cols_N[order_N], vals_N[order_N]
+    counts = torch.bincount(rows_N, minlength=n_rows)
+    return torch.nn.functional.embedding_bag(
+        cols_N, dense_CD, counts.cumsum(0) - counts, mode="sum",
+        per_sample_weights=vals_N.to(dense_CD.dtype),
+    )  # fmt: skip
 
 
 def encoder_pre_acts(x_BD: Tensor, W_enc_DS: Tensor, b_enc_S: Tensor, b_dec_D: Tensor) -> Tensor:
@@ -204,12 +217,11 @@ class _SparseEncode(torch.autograd.Function):
         g_N, rows_N, cols_N = cat(gs), cat(rows), cat(cols)
         g_S = g_N.new_zeros(S).index_add_(0, cols_N, g_N)
         g_x = g_W = g_b_dec = None
-        if ctx.needs_input_grad[0]:
-            idx_2N = torch.stack([rows_N, cols_N])
-            M_BS = torch.sparse_coo_tensor(idx_2N, g_N, (ctx.B, S), check_invariants=False)
-            g_x = torch.sparse.mm(M_BS, W_enc_DS.T.contiguous())
+        if ctx.needs_input_grad[0]:  # rows are sorted within each group, not across groups
+            W_SD = W_enc_DS.T.contiguous()
+            g_x = sparse_mm(rows_N, cols_N, g_N, ctx.B, W_SD, rows_sorted=n == 1)
         if ctx.needs_input_grad[1]:
-            g_W = _spmm_SB(cols_N, rows_N, g_N, S, xc_BD).T.to(W_enc_DS.dtype)
+            g_W = sparse_mm(cols_N, rows_N, g_N, S, xc_BD).T.to(W_enc_DS.dtype)
         if ctx.needs_input_grad[3]:
             g_b_dec = -(W_enc_DS @ g_S)
         return g_x, g_W, g_S, g_b_dec, None
@@ -249,7 +261,7 @@ class _SparseDecode(torch.autograd.Function):
                 g_BD, W_dec_SD, cols_N, offsets_B, rows_N, 0, -1
             ).to(vals_N.dtype)
         if ctx.needs_input_grad[4]:
-            g_W = _spmm_SB(cols_N, rows_N, vals_N.to(g_BD.dtype), W_dec_SD.shape[0], g_BD)
+            g_W = sparse_mm(cols_N, rows_N, vals_N, W_dec_SD.shape[0], g_BD)
         return g_vals, None, None, None, g_W
 
 

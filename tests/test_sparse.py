@@ -155,13 +155,18 @@ def test_gradcheck_float64():
     b_enc, b_dec = torch.randn(7, **kw), torch.randn(4, **kw)
     dead_M = torch.tensor([1, 3, 6])
 
-    def select(pre_BS):
+    def with_auxk(pre_BS):  # two groups: rows sorted within each, not across them
         return [sparse.topk_rows(pre_BS, 3), sparse.topk_among(pre_BS, dead_M, 2)]
 
-    def encode(x, W, be, bd):
-        return tuple(g[0] for g in sparse.sparse_encode(x, W, be, bd, select))
+    def topk(pre_BS):  # one group: rows sorted
+        return [sparse.topk_rows(pre_BS, 3)]
 
-    assert torch.autograd.gradcheck(encode, (x, W_enc, b_enc, b_dec))
+    for select in (with_auxk, topk):
+
+        def encode(x, W, be, bd, select=select):
+            return tuple(g[0] for g in sparse.sparse_encode(x, W, be, bd, select))
+
+        assert torch.autograd.gradcheck(encode, (x, W_enc, b_enc, b_dec))
     W_dec = torch.randn(7, 4, **kw)
     vals, rows, cols = sparse.topk_rows(torch.randn(5, 7, generator=gen, dtype=torch.float64), 3)
     vals = vals.abs().requires_grad_()
