@@ -280,7 +280,7 @@ class SAE(nn.Module):
             return torch.where(pre_BS > thr, pre_BS, torch.zeros_like(pre_BS))
         # Training: keep the k*B largest activations of the whole batch (Bussmann et al. 2024).
         vals_N, rows_N, cols_N = sparse.topk_batch(
-            pre_BS, self._n_keep(len(pre_BS)), 4 * self.cfg.k
+            pre_BS, self._n_keep(len(pre_BS)), 2 * self.cfg.k
         )
         self._update_threshold(vals_N)
         return Latents(tuple(pre_BS.shape), vals_N.clamp_min(0), rows_N, cols_N).dense()
@@ -347,8 +347,8 @@ class SAE(nn.Module):
             aux = [] if dead_M is None else [sparse.topk_among(pre_BS, dead_M, cfg.aux_k)]
             if cfg.activation == "topk":
                 return [sparse.topk_rows(pre_BS, cfg.k), *aux]
-            # Rows of a batch share k*B slots; 4k candidates per row cover all but rare rows.
-            return [sparse.topk_batch(pre_BS, self._n_keep(B), 4 * cfg.k, inplace=True), *aux]
+            # Rows of a batch share k*B slots: 2k candidates per row, rarer rows taken whole.
+            return [sparse.topk_batch(pre_BS, self._n_keep(B), 2 * cfg.k, inplace=True), *aux]
 
         return select
 

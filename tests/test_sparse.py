@@ -175,17 +175,23 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(sparse.encoder_pre_acts, (x, W_enc, b_enc, b_dec))
 
 
-def test_batch_selection_is_exact_including_fallback():
+@pytest.mark.parametrize("spread", [0.0, 3.0])
+def test_batch_selection_is_exact_including_saturated_rows(spread):
+    """The batch's n_keep largest, whether no row, one row (+10) or many rows (rows scaled by
+    up to e^3) have all their candidates kept and are taken whole."""
     gen = torch.Generator().manual_seed(0)
-    pre = torch.randn(32, 50, generator=gen)
+    pre = torch.randn(32, 50, generator=gen) * (spread * torch.rand(32, 1, generator=gen)).exp()
     pre[3] += 10.0  # one row holds most of the batch's largest values: its candidates saturate
-    for n_keep, per_row in [(64, 8), (64, 50), (32 * 50, 8), (10, 2)]:
+    cases = [(pre, n, r) for n, r in [(64, 8), (64, 50), (32 * 50, 8), (10, 2), (96, 3), (200, 7)]]
+    cases.append((pre.abs() + 0.1, 64, 2))  # every row saturated: all taken whole
+    for pre, n_keep, per_row in cases:
         vals, rows, cols = sparse.topk_batch(pre, n_keep, per_row)
-        assert torch.equal(rows, rows.sort().values)
+        assert torch.equal(rows, rows.sort().values) and len(vals) == n_keep
         ref_v, ref_i = pre.relu().flatten().topk(n_keep)
         got = torch.zeros(32 * 50).index_put((rows * 50 + cols,), vals)
         ref = torch.zeros(32 * 50).scatter(0, ref_i, ref_v)
         torch.testing.assert_close(got, ref)
+        assert len(torch.unique(rows * 50 + cols)) == n_keep  # no entry twice
 
 
 def test_latents_densify_lazily_and_count_fired():
