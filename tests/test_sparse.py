@@ -201,6 +201,8 @@ def test_latents_densify_lazily_and_count_fired():
     f = out.f_x
     assert f.shape == (B, S) and out.latents._dense is f
     assert torch.equal(out.latents.fired_S(), (f > 0).any(0))
+    for f_BS in (f, torch.zeros(0, S)):  # dense latents (ReLU, JumpReLU); a rank's empty batch
+        assert torch.equal(sparse.Latents.from_dense(f_BS).fired_S(), (f_BS > 0).any(0))
 
 
 def test_bf16_pre_acts_close_to_float32_at_large_data_mean():
