@@ -316,6 +316,8 @@ class SAE(nn.Module):
         if act == "topk" or (act == "batchtopk" and self.training):
             return self._sparse_forward(x_norm_BD, may_be_dead)
         pre_BS = self.pre_acts(x_norm_BD)
+        if act == "relu":  # in place: nothing else reads them, and a fresh [B, S] costs faults
+            return self.losses(x_norm_BD, Latents.from_dense(pre_BS.relu_()), sparsity_scale)
         latents = Latents.from_dense(self.activate(pre_BS))
         return self.losses(x_norm_BD, latents, sparsity_scale, pre_BS=pre_BS)
 
