@@ -30,6 +30,7 @@ from torch import Tensor
 from saev import sparse
 from saev.jumprelu import JumpReLU
 from saev.nn import SAE, TOPK_FAMILY, Output, SAEConfig
+from saev.relu_l1 import relu_l1
 from saev.sparse import Latents
 
 
@@ -66,8 +67,11 @@ def _stack(saes: Sequence[SAE], name: str) -> Tensor:
 
 
 def _dense_group(saes: Sequence[SAE], x_NBD: Tensor, scales_N: Sequence) -> list[Output]:
-    cfg = saes[0].cfg
+    cfg, N = saes[0].cfg, len(saes)
     params = [_stack(saes, n) for n in ("W_enc", "b_enc", "b_dec")]
+    # Per-SAE views by unbind, whose backward stacks the N gradients once; indexing [n] would
+    # fill an [N, B, S] zero gradient per SAE.
+    pres, l1s = [None] * N, [None] * N
     if cfg.activation == "jumprelu":
         # float32 pre-activations under autocast, as SAE.pre_acts (the bandwidth is below bf16's
         # resolution).
@@ -77,18 +81,25 @@ def _dense_group(saes: Sequence[SAE], x_NBD: Tensor, scales_N: Sequence) -> list
         bw_N1 = pre_NBS.new_tensor([[sae.cfg.bandwidth] for sae in saes])
         # JumpReLU sums the threshold's gradient over dim 0: the batch, in a [B, N, S] view.
         f_NBS = JumpReLU.apply(pre_NBS.transpose(0, 1), theta_NS, bw_N1).transpose(0, 1)
+        pres = pre_NBS.unbind(0)
     else:
         pre_NBS = _CenteredBmm.apply(x_NBD, *params)
-        f_NBS = pre_NBS.relu()
-    # Per-SAE views by unbind, whose backward stacks the N gradients once; indexing [n] would
-    # fill an [N, B, S] zero gradient per SAE.
-    decoded = [None] * len(saes)
+        weights = [sae.l1_weights_S() for sae in saes]
+        w_NS = None
+        if any(w is not None for w in weights):  # l1_decoder_norm may differ within a group
+            w_NS = torch.stack([pre_NBS.new_ones(cfg.d_sae) if w is None else w for w in weights])
+        # In place (pre_NBS is not read again), the L1 terms' gradient fused, as for one SAE.
+        f_NBS, l1_NB = relu_l1(pre_NBS, w_NS)
+        l1s = l1_NB.unbind(0)
+    decoded = [None] * N
     if not cfg.matryoshka:
         decoded = torch.bmm(f_NBS, _stack(saes, "W_dec")).unbind(0)
     return [
-        sae.losses(x_BD, Latents.from_dense(f_BS), scale, pre_BS=pre_BS, decoded_BD=dec_BD)
-        for sae, x_BD, f_BS, scale, pre_BS, dec_BD in zip(
-            saes, x_NBD.unbind(0), f_NBS.unbind(0), scales_N, pre_NBS.unbind(0), decoded
+        sae.losses(
+            x_BD, Latents.from_dense(f_BS), scale, pre_BS=pre_BS, decoded_BD=dec_BD, l1_B=l1_B
+        )
+        for sae, x_BD, f_BS, scale, pre_BS, dec_BD, l1_B in zip(
+            saes, x_NBD.unbind(0), f_NBS.unbind(0), scales_N, pres, decoded, l1s
         )
     ]
 

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from saev import sparse
 from saev.jumprelu import JumpReLU, Step
+from saev.relu_l1 import relu_l1
 from saev.sparse import Latents
 
 ACTIVATIONS = ("relu", "topk", "batchtopk", "jumprelu")
@@ -316,8 +317,9 @@ class SAE(nn.Module):
         if act == "topk" or (act == "batchtopk" and self.training):
             return self._sparse_forward(x_norm_BD, may_be_dead)
         pre_BS = self.pre_acts(x_norm_BD)
-        if act == "relu":  # in place: nothing else reads them, and a fresh [B, S] costs faults
-            return self.losses(x_norm_BD, Latents.from_dense(pre_BS.relu_()), sparsity_scale)
+        if act == "relu":  # in place on pre_BS (nothing else reads it), the L1 term fused
+            f_BS, l1_B = relu_l1(pre_BS, self.l1_weights_S())
+            return self.losses(x_norm_BD, Latents.from_dense(f_BS), sparsity_scale, l1_B=l1_B)
         latents = Latents.from_dense(self.activate(pre_BS))
         return self.losses(x_norm_BD, latents, sparsity_scale, pre_BS=pre_BS)
 
@@ -375,10 +377,12 @@ class SAE(nn.Module):
         pre_BS: Tensor | None = None,
         aux: tuple[Latents, int] | None = None,
         decoded_BD: Tensor | None = None,
+        l1_B: Tensor | None = None,
     ) -> Output:
         """Losses of normalized inputs given their latents (`pre_BS`, the pre-activations, for
         JumpReLU's L0; `aux`, AuxK's dead-latent entries and the number of dead latents;
-        `decoded_BD`, latents @ W_dec when a batched group computed it (saev.batched))."""
+        `decoded_BD`, latents @ W_dec when a batched group computed it (saev.batched); `l1_B`,
+        ReLU's per-example L1 term from `relu_l1`, which fuses its gradient with the ReLU's)."""
         cfg = self.cfg
         if cfg.matryoshka:
             x_hat_BD, mse = self._matryoshka_mse(x_BD, latents)
@@ -390,9 +394,8 @@ class SAE(nn.Module):
         zero = mse.new_zeros(())
         sparsity = zero
         if cfg.activation == "relu":
-            f_BS = latents.dense()
-            w_S = self.W_dec.norm(dim=-1) if cfg.l1_decoder_norm else None
-            l1_B = f_BS.sum(-1) if w_S is None else f_BS @ w_S
+            if l1_B is None:
+                raise ValueError("a ReLU SAE's losses need l1_B from saev.relu_l1.relu_l1.")
             sparsity = cfg.sparsity_coeff * sparsity_scale * l1_B.mean()
         elif cfg.activation == "jumprelu":
             l0_BS = Step.apply(pre_BS, self.log_threshold.exp(), cfg.bandwidth)
@@ -404,6 +407,11 @@ class SAE(nn.Module):
             self._update_fired(latents)
         loss = mse + sparsity + aux_loss
         return Output(self.denormalize(x_hat_BD), latents, loss, mse, sparsity, aux_loss)
+
+    def l1_weights_S(self) -> Tensor | None:
+        """Each latent's weight in ReLU's L1 term: its decoder row norm with l1_decoder_norm
+        (Conerly et al. 2024), else None (all 1)."""
+        return self.W_dec.norm(dim=-1) if self.cfg.l1_decoder_norm else None
 
     def _decode_norm(self, latents: Latents, vals_N: Tensor | None = None) -> Tensor:
         """Normalized-space latents @ W_dec (no b_dec): sparse when the latents are."""

@@ -1,0 +1,67 @@
+"""The ReLU SAE's activation and its L1 penalty as one autograd Function.
+
+Differentiated apart, `f = relu(pre)` and `l1 = f.sum(-1)` cost a training step three fresh
+[B, S] tensors after the decoder's gradient: the L1 term's gradient, its sum with the decoder's
+(autograd accumulates the two), and the ReLU's masked copy; a batched group ([N, B, S]) paid one
+more, stacking the per-SAE L1 gradients. Fresh memory is faulted in page by page on CPU, and each
+of them is 1 GiB at B = S = 16384 on a GPU. Here the backward adds the L1 term's gradient to the
+decoder's and masks it in place: no [B, S] tensor beyond the one the decoder's backward made.
+
+Shapes: leading dims `...` (B, or N SAEs by B), S d_sae. Only torch is imported here, like
+`saev.nn`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def relu_l1(pre: Tensor, w_S: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(f, l1): f = relu(pre), computed in place on `pre` (the caller must not read `pre`
+    again), and l1 = sum_s w_s f_s over the last dim, in float32 or wider ([...]); `w_S` ([S], or [N, S]
+    for N SAEs' [N, B, S] latents) weights each latent, e.g. by its decoder row norm; None: 1."""
+    return _ReluL1.apply(pre, w_S)
+
+
+class _ReluL1(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, pre, w_S):
+        f = pre.relu_()
+        ctx.mark_dirty(pre)
+        exact = torch.promote_types(f.dtype, torch.float32)  # a bf16 f's sum in float32
+        if w_S is None:
+            l1 = f.sum(-1, dtype=exact)
+        else:  # [..., S] @ [..., S, 1]: one product per SAE
+            l1 = torch.matmul(f, w_S.to(f.dtype).unsqueeze(-1)).squeeze(-1).to(exact)
+        ctx.save_for_backward(f, w_S)
+        ctx.device_type = pre.device.type
+        return f, l1
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g_f, g_l1):
+        f, w_S = ctx.saved_tensors
+        with torch.autocast(ctx.device_type, enabled=False):
+            # In place on the incoming gradient where it is a plain buffer of its own (the
+            # decoder's backward just made it; nothing else reads it), as fused kernels do with
+            # their output gradients; a broadcast or view one is copied first.
+            if g_f is None:
+                g = torch.zeros_like(f)
+            elif g_f.is_contiguous() and g_f._base is None and g_f.dtype == f.dtype:
+                g = g_f
+            else:
+                g = g_f.to(f.dtype, memory_format=torch.contiguous_format, copy=True)
+            g_w = None
+            if g_l1 is not None:
+                c = g_l1.to(g.dtype).unsqueeze(-1)  # [..., 1]
+                if w_S is None:
+                    g.add_(c)
+                else:
+                    g.addcmul_(c, w_S.to(g.dtype).unsqueeze(-2))  # w broadcast over the batch
+                    if ctx.needs_input_grad[1]:  # d l1_b / d w_s = f_bs
+                        g_w = torch.matmul(g_l1.to(f.dtype).unsqueeze(-2), f).squeeze(-2)
+                        g_w = g_w.to(w_S.dtype)
+            # ReLU's derivative (0 where f = relu(pre) is 0, as torch's relu), in place.
+            g = torch.ops.aten.threshold_backward.grad_input(g, f, 0, grad_input=g)
+        return g, g_w
