@@ -162,7 +162,7 @@ class _CenteredBmm(torch.autograd.Function):
     def backward(ctx, g_NBS):
         xc_NBD, W_enc_NDS = ctx.saved_tensors
         exact = W_enc_NDS.dtype
-        g_NS = g_NBS.to(exact).sum(1)
+        g_NS = g_NBS.sum(1, dtype=exact)  # no float32 copy of a bf16 [N, B, S]
         g_x = g_W = g_b_dec = None
         if ctx.needs_input_grad[0]:
             g_x = torch.bmm(g_NBS, W_enc_NDS.to(g_NBS.dtype).transpose(1, 2)).to(exact)

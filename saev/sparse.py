@@ -169,7 +169,7 @@ class _CenteredLinear(torch.autograd.Function):
     def backward(ctx, g_BS):
         xc_BD, W_enc_DS = ctx.saved_tensors
         exact = W_enc_DS.dtype
-        g_S = g_BS.to(exact).sum(0)
+        g_S = g_BS.sum(0, dtype=exact)  # not .to(exact): a float32 copy of a bf16 [B, S]
         g_x = g_W = None
         if ctx.needs_input_grad[0]:
             g_x = (g_BS @ W_enc_DS.to(g_BS.dtype).T).to(exact)
