@@ -53,17 +53,22 @@ def sync(device: str) -> None:
 
 
 class Timer(L.Callback):
-    def __init__(self, warmup: int, device: str):
-        self.warmup, self.device, self.start, self.end = warmup, device, None, None
+    """Wall time of the steps from `warmup` up to `end`, each counted from its batch's start. The
+    run has one step more than is timed: `SAEModule` computes its metrics at the final step
+    (about a step's cost more), which a real run does once every `log_every` steps."""
+
+    def __init__(self, warmup: int, end: int, device: str):
+        self.warmup, self.end_step, self.device = warmup, end, device
+        self.start = self.end = None
 
     def on_train_batch_start(self, trainer, module, batch, batch_idx):
-        if trainer.global_step == self.warmup:
+        if trainer.global_step in (self.warmup, self.end_step):
             sync(self.device)
-            self.start = time.perf_counter()
-
-    def on_train_end(self, trainer, module):
-        sync(self.device)
-        self.end = time.perf_counter()
+            now = time.perf_counter()
+            if trainer.global_step == self.warmup:
+                self.start = now
+            else:
+                self.end = now
 
 
 def sae_config(kind: str, d_model: int, d_sae: int, k: int) -> SAEConfig:
@@ -86,15 +91,16 @@ def module_rate(args, kind: str, n_saes: int, batched: bool = True) -> float:
     ]
     module = SAEModule(members, log_every=10**9, compile=args.compile, batched=batched)
     x_BD = torch.randn(args.batch, args.d_model, device=args.device)
-    timer = Timer(args.warmup, args.device)
+    n_steps = args.warmup + args.steps + 1  # the last one, with metrics, is not timed
+    timer = Timer(args.warmup, args.warmup + args.steps, args.device)
     trainer = L.Trainer(
         accelerator="gpu" if args.device.startswith("cuda") else "cpu", devices=1,
         precision="32-true" if args.precision == "32" else args.precision,
-        max_steps=args.warmup + args.steps, logger=False, enable_checkpointing=False,
+        max_steps=n_steps, logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
         use_distributed_sampler=False,
     )  # fmt: skip
-    trainer.fit(module, RandomBatches(x_BD, args.warmup + args.steps))
+    trainer.fit(module, RandomBatches(x_BD, n_steps))
     return args.batch * args.steps * n_saes / (timer.end - timer.start)
 
 
