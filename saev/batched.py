@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from saev import sparse
-from saev.jumprelu import JumpReLU
+from saev.jumprelu import jumprelu_l0
 from saev.nn import SAE, TOPK_FAMILY, Output, SAEConfig
 from saev.relu_l1 import relu_l1
 from saev.sparse import Latents
@@ -69,37 +69,32 @@ def _stack(saes: Sequence[SAE], name: str) -> Tensor:
 def _dense_group(saes: Sequence[SAE], x_NBD: Tensor, scales_N: Sequence) -> list[Output]:
     cfg, N = saes[0].cfg, len(saes)
     params = [_stack(saes, n) for n in ("W_enc", "b_enc", "b_dec")]
-    # Per-SAE views by unbind, whose backward stacks the N gradients once; indexing [n] would
-    # fill an [N, B, S] zero gradient per SAE.
-    pres, l1s = [None] * N, [None] * N
+    # The activation in place on the pre-activations (not read again) with the sparsity term's
+    # gradient fused, as for one SAE (saev.relu_l1, saev.jumprelu).
     if cfg.activation == "jumprelu":
         # float32 pre-activations under autocast, as SAE.pre_acts (the bandwidth is below bf16's
         # resolution).
         with torch.autocast(x_NBD.device.type, enabled=False):
             pre_NBS = _CenteredBmm.apply(x_NBD.float(), *params)
         theta_NS = _stack(saes, "log_threshold").exp()
-        bw_N1 = pre_NBS.new_tensor([[sae.cfg.bandwidth] for sae in saes])
-        # JumpReLU sums the threshold's gradient over dim 0: the batch, in a [B, N, S] view.
-        f_NBS = JumpReLU.apply(pre_NBS.transpose(0, 1), theta_NS, bw_N1).transpose(0, 1)
-        pres = pre_NBS.unbind(0)
+        bw_N = [sae.cfg.bandwidth for sae in saes]
+        f_NBS, penalty_NB = jumprelu_l0(pre_NBS, theta_NS, pre_NBS.new_tensor(bw_N))
     else:
         pre_NBS = _CenteredBmm.apply(x_NBD, *params)
         weights = [sae.l1_weights_S() for sae in saes]
         w_NS = None
         if any(w is not None for w in weights):  # l1_decoder_norm may differ within a group
             w_NS = torch.stack([pre_NBS.new_ones(cfg.d_sae) if w is None else w for w in weights])
-        # In place (pre_NBS is not read again), the L1 terms' gradient fused, as for one SAE.
-        f_NBS, l1_NB = relu_l1(pre_NBS, w_NS)
-        l1s = l1_NB.unbind(0)
+        f_NBS, penalty_NB = relu_l1(pre_NBS, w_NS)
     decoded = [None] * N
     if not cfg.matryoshka:
         decoded = torch.bmm(f_NBS, _stack(saes, "W_dec")).unbind(0)
+    # Per-SAE views by unbind, whose backward stacks the N gradients once; indexing [n] would
+    # fill an [N, B, S] zero gradient per SAE.
     return [
-        sae.losses(
-            x_BD, Latents.from_dense(f_BS), scale, pre_BS=pre_BS, decoded_BD=dec_BD, l1_B=l1_B
-        )
-        for sae, x_BD, f_BS, scale, pre_BS, dec_BD, l1_B in zip(
-            saes, x_NBD.unbind(0), f_NBS.unbind(0), scales_N, pres, decoded, l1s
+        sae.losses(x_BD, Latents.from_dense(f_BS), scale, penalty_B=pen_B, decoded_BD=dec_BD)
+        for sae, x_BD, f_BS, scale, pen_B, dec_BD in zip(
+            saes, x_NBD.unbind(0), f_NBS.unbind(0), scales_N, penalty_NB.unbind(0), decoded
         )
     ]
 

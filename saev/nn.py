@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from saev import sparse
-from saev.jumprelu import JumpReLU, Step
+from saev.jumprelu import JumpReLU, jumprelu_l0
 from saev.relu_l1 import relu_l1
 from saev.sparse import Latents
 
@@ -317,11 +317,14 @@ class SAE(nn.Module):
         if act == "topk" or (act == "batchtopk" and self.training):
             return self._sparse_forward(x_norm_BD, may_be_dead)
         pre_BS = self.pre_acts(x_norm_BD)
-        if act == "relu":  # in place on pre_BS (nothing else reads it), the L1 term fused
-            f_BS, l1_B = relu_l1(pre_BS, self.l1_weights_S())
-            return self.losses(x_norm_BD, Latents.from_dense(f_BS), sparsity_scale, l1_B=l1_B)
-        latents = Latents.from_dense(self.activate(pre_BS))
-        return self.losses(x_norm_BD, latents, sparsity_scale, pre_BS=pre_BS)
+        # ReLU and JumpReLU: in place on pre_BS (nothing else reads it), the penalty fused.
+        if act == "relu":
+            f_BS, penalty_B = relu_l1(pre_BS, self.l1_weights_S())
+        elif act == "jumprelu":
+            f_BS, penalty_B = jumprelu_l0(pre_BS, self.log_threshold.exp(), self.cfg.bandwidth)
+        else:  # BatchTopK at inference
+            f_BS, penalty_B = self.activate(pre_BS), None
+        return self.losses(x_norm_BD, Latents.from_dense(f_BS), sparsity_scale, penalty_B=penalty_B)
 
     def _sparse_forward(self, x_BD: Tensor, may_be_dead: bool) -> Output:
         """TopK family: one dense encoder product, then only the selected entries (saev.sparse):
@@ -374,15 +377,14 @@ class SAE(nn.Module):
         x_BD: Tensor,
         latents: Latents,
         sparsity_scale=1.0,
-        pre_BS: Tensor | None = None,
+        penalty_B: Tensor | None = None,
         aux: tuple[Latents, int] | None = None,
         decoded_BD: Tensor | None = None,
-        l1_B: Tensor | None = None,
     ) -> Output:
-        """Losses of normalized inputs given their latents (`pre_BS`, the pre-activations, for
-        JumpReLU's L0; `aux`, AuxK's dead-latent entries and the number of dead latents;
-        `decoded_BD`, latents @ W_dec when a batched group computed it (saev.batched); `l1_B`,
-        ReLU's per-example L1 term from `relu_l1`, which fuses its gradient with the ReLU's)."""
+        """Losses of normalized inputs given their latents (`penalty_B`, the per-example sparsity
+        term of ReLU (L1, `relu_l1`) and JumpReLU (L0, `jumprelu_l0`), the Functions that fuse
+        its gradient with the activation's; `aux`, AuxK's dead-latent entries and the number of
+        dead latents; `decoded_BD`, latents @ W_dec when a batched group computed it)."""
         cfg = self.cfg
         if cfg.matryoshka:
             x_hat_BD, mse = self._matryoshka_mse(x_BD, latents)
@@ -393,13 +395,10 @@ class SAE(nn.Module):
             mse = _sq_error(x_hat_BD, x_BD)
         zero = mse.new_zeros(())
         sparsity = zero
-        if cfg.activation == "relu":
-            if l1_B is None:
-                raise ValueError("a ReLU SAE's losses need l1_B from saev.relu_l1.relu_l1.")
-            sparsity = cfg.sparsity_coeff * sparsity_scale * l1_B.mean()
-        elif cfg.activation == "jumprelu":
-            l0_BS = Step.apply(pre_BS, self.log_threshold.exp(), cfg.bandwidth)
-            sparsity = cfg.sparsity_coeff * sparsity_scale * l0_BS.sum(-1).mean()
+        if cfg.activation in PENALIZED:
+            if penalty_B is None:
+                raise ValueError(f"a {cfg.activation} SAE's losses need its penalty_B.")
+            sparsity = cfg.sparsity_coeff * sparsity_scale * penalty_B.mean()
         aux_loss = zero
         if self.training:
             if aux is not None:

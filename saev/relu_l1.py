@@ -19,8 +19,9 @@ from torch import Tensor
 
 def relu_l1(pre: Tensor, w_S: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(f, l1): f = relu(pre), computed in place on `pre` (the caller must not read `pre`
-    again), and l1 = sum_s w_s f_s over the last dim, in float32 or wider ([...]); `w_S` ([S], or [N, S]
-    for N SAEs' [N, B, S] latents) weights each latent, e.g. by its decoder row norm; None: 1."""
+    again), and l1 = sum_s w_s f_s over the last dim, in float32 or wider ([...]); `w_S` ([S],
+    or [N, S] for N SAEs' [N, B, S] latents) weights each latent, e.g. by its decoder row norm;
+    None: 1."""
     return _ReluL1.apply(pre, w_S)
 
 
@@ -43,25 +44,27 @@ class _ReluL1(torch.autograd.Function):
     def backward(ctx, g_f, g_l1):
         f, w_S = ctx.saved_tensors
         with torch.autocast(ctx.device_type, enabled=False):
-            # In place on the incoming gradient where it is a plain buffer of its own (the
-            # decoder's backward just made it; nothing else reads it), as fused kernels do with
-            # their output gradients; a broadcast or view one is copied first.
-            if g_f is None:
-                g = torch.zeros_like(f)
-            elif g_f.is_contiguous() and g_f._base is None and g_f.dtype == f.dtype:
-                g = g_f
-            else:
-                g = g_f.to(f.dtype, memory_format=torch.contiguous_format, copy=True)
+            g = writable_grad(g_f, f)
+            c = g_l1.to(g.dtype).unsqueeze(-1)  # [..., 1]
             g_w = None
-            if g_l1 is not None:
-                c = g_l1.to(g.dtype).unsqueeze(-1)  # [..., 1]
-                if w_S is None:
-                    g.add_(c)
-                else:
-                    g.addcmul_(c, w_S.to(g.dtype).unsqueeze(-2))  # w broadcast over the batch
-                    if ctx.needs_input_grad[1]:  # d l1_b / d w_s = f_bs
-                        g_w = torch.matmul(g_l1.to(f.dtype).unsqueeze(-2), f).squeeze(-2)
-                        g_w = g_w.to(w_S.dtype)
+            if w_S is None:
+                g.add_(c)
+            else:
+                g.addcmul_(c, w_S.to(g.dtype).unsqueeze(-2))  # w broadcast over the batch
+                if ctx.needs_input_grad[1]:  # d l1_b / d w_s = f_bs
+                    g_w = torch.matmul(g_l1.to(f.dtype).unsqueeze(-2), f).squeeze(-2)
+                    g_w = g_w.to(w_S.dtype)
             # ReLU's derivative (0 where f = relu(pre) is 0, as torch's relu), in place.
             g = torch.ops.aten.threshold_backward.grad_input(g, f, 0, grad_input=g)
         return g, g_w
+
+
+def writable_grad(g: Tensor, like: Tensor) -> Tensor:
+    """The incoming gradient `g` itself where it is a plain buffer of its own (contiguous, not a
+    view, `like`'s dtype), else a copy that is: a backward may then overwrite it. Autograd hands a
+    Function the buffer its consumer's backward just made (here the decoder's), which nothing
+    else reads; fused kernels write their output gradients in place the same way. A broadcast
+    gradient (stride 0) or a view of another tensor is copied."""
+    if g.is_contiguous() and g._base is None and g.dtype == like.dtype:
+        return g
+    return g.to(like.dtype, memory_format=torch.contiguous_format, copy=True)
