@@ -7,6 +7,7 @@ shared, so ratios measured side by side are what count; medians over --repeats r
    not count), for 1 and 8 SAEs of each kind, against the dense matmul floor: the five B x D x S
    products a dense SAE step cannot avoid (encoder forward and weight gradient, decoder forward,
    weight and input gradient), and for the TopK family the one product its sparse step keeps.
+   (JumpReLU's encoder product stays float32 under bf16-mixed by design, against a bf16 floor.)
 2. The bare TopK step (our SAE, Adam, parallel-gradient removal, clipping, renormalization)
    against EleutherAI's sparsify doing the same (its `Sae`, Adam, its gradient projection and
    renormalization, its dead-latent bookkeeping), when `eai-sparsify` is installed
@@ -77,9 +78,13 @@ def sae_config(kind: str, d_model: int, d_sae: int, k: int) -> SAEConfig:
         "relu": dict(
             activation="relu", sparsity_coeff=4e-4, sparsity_warmup_steps=0, l1_decoder_norm=False
         ),
+        "jumprelu": dict(
+            activation="jumprelu", sparsity_coeff=1e-3, sparsity_warmup_steps=0,
+            bandwidth=1e-3, init_threshold=1e-3,
+        ),
         "topk": dict(activation="topk", **aux),
         "batchtopk": dict(activation="batchtopk", threshold_momentum=0.01, **aux),
-    }[kind]
+    }[kind]  # fmt: skip
     return SAEConfig(d_sae=d_sae, **cfg).resolve(d_model)
 
 
@@ -237,7 +242,7 @@ def compare_with_floor(args) -> None:
                     floors[p].append(matmul_floor(args, p))
             rate = statistics.median(rates)
             f5, f1 = (statistics.median(floors[p]) for p in (5, 1))
-            sparse = kind != "relu"
+            sparse = kind in ("topk", "batchtopk")
             line = (
                 f"{kind:<9} x{n}: {rate:.4g} SAE-activations/s; dense 5-product floor {f5:.4g} "
                 f"({rate / f5:.0%} of it)"
@@ -279,7 +284,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds; medians count")
     p.add_argument("--n-saes", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--kinds", nargs="+", default=["relu", "topk", "batchtopk"])
+    p.add_argument("--kinds", nargs="+", default=["relu", "jumprelu", "topk", "batchtopk"])
     p.add_argument("--batched-n", type=int, default=8, help="SAEs per batched group")
     p.add_argument("--batched-kinds", nargs="+", default=["relu", "topk"])
     p.add_argument("--skip", nargs="*", default=[], choices=["module", "sparsify", "batched"])
