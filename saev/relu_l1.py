@@ -5,7 +5,8 @@ Differentiated apart, `f = relu(pre)` and `l1 = f.sum(-1)` cost a training step 
 (autograd accumulates the two), and the ReLU's masked copy; a batched group ([N, B, S]) paid one
 more, stacking the per-SAE L1 gradients. Fresh memory is faulted in page by page on CPU, and each
 of them is 1 GiB at B = S = 16384 on a GPU. Here the backward adds the L1 term's gradient to the
-decoder's and masks it in place: no [B, S] tensor beyond the one the decoder's backward made.
+decoder's and masks it in one buffer of its own. (Not in the incoming gradient itself: autograd
+may give that tensor to another branch too, e.g. both operands of `f + y`.)
 
 Shapes: leading dims `...` (B, or N SAEs by B), S d_sae. Only torch is imported here, like
 `saev.nn`.
@@ -44,27 +45,18 @@ class _ReluL1(torch.autograd.Function):
     def backward(ctx, g_f, g_l1):
         f, w_S = ctx.saved_tensors
         with torch.autocast(ctx.device_type, enabled=False):
-            g = writable_grad(g_f, f)
-            c = g_l1.to(g.dtype).unsqueeze(-1)  # [..., 1]
+            # Into a buffer of our own, never into g_f: autograd may hand the same tensor to
+            # another branch (`f + y` gives f and y one gradient), which would read it later.
+            g = torch.empty_like(f, memory_format=torch.contiguous_format)
+            c = g_l1.to(f.dtype).unsqueeze(-1)  # [..., 1]
             g_w = None
             if w_S is None:
-                g.add_(c)
+                torch.add(g_f, c, out=g)
             else:
-                g.addcmul_(c, w_S.to(g.dtype).unsqueeze(-2))  # w broadcast over the batch
+                torch.addcmul(g_f, c, w_S.to(f.dtype).unsqueeze(-2), out=g)  # w over the batch
                 if ctx.needs_input_grad[1]:  # d l1_b / d w_s = f_bs
                     g_w = torch.matmul(g_l1.to(f.dtype).unsqueeze(-2), f).squeeze(-2)
                     g_w = g_w.to(w_S.dtype)
-            # ReLU's derivative (0 where f = relu(pre) is 0, as torch's relu), in place.
+            # ReLU's derivative (0 where f = relu(pre) is 0, as torch's relu), in place on g.
             g = torch.ops.aten.threshold_backward.grad_input(g, f, 0, grad_input=g)
         return g, g_w
-
-
-def writable_grad(g: Tensor, like: Tensor) -> Tensor:
-    """The incoming gradient `g` itself where it is a plain buffer of its own (contiguous, not a
-    view, `like`'s dtype), else a copy that is: a backward may then overwrite it. Autograd hands a
-    Function the buffer its consumer's backward just made (here the decoder's), which nothing
-    else reads; fused kernels write their output gradients in place the same way. A broadcast
-    gradient (stride 0) or a view of another tensor is copied."""
-    if g.is_contiguous() and g._base is None and g.dtype == like.dtype:
-        return g
-    return g.to(like.dtype, memory_format=torch.contiguous_format, copy=True)

@@ -74,3 +74,21 @@ def test_the_activation_is_in_place_and_the_l0_counts_kept_latents():
     assert f.data_ptr() == z.data_ptr()
     torch.testing.assert_close(f, torch.tensor([[0.5, 0.0, 2.0], [0.0, 0.3, 0.31]]))
     torch.testing.assert_close(l0, torch.tensor([2.0, 2.0]))
+
+
+def test_an_incoming_gradient_that_another_branch_shares_is_not_written():
+    gen = torch.Generator().manual_seed(1)
+    z0, y0 = torch.randn(6, 5, generator=gen), torch.randn(6, 5, generator=gen)
+    theta0, bw = torch.full((5,), 0.1), torch.tensor(0.5)
+    W = torch.randn(5, 3, generator=gen)
+
+    def grads(fn):
+        z, y_leaf = z0.clone().requires_grad_(), y0.clone().requires_grad_()
+        theta = theta0.clone().requires_grad_()
+        y = y_leaf * 2.0  # made before f: autograd runs its backward after jumprelu_l0's
+        f, l0 = fn(z * 1.0, theta, bw)
+        ((((f + y) @ W) ** 2).sum() + l0.sum()).backward()  # f and y share a gradient
+        return z.grad, y_leaf.grad, theta.grad
+
+    for got, want in zip(grads(jumprelu_l0), grads(reference)):
+        torch.testing.assert_close(got, want)

@@ -49,6 +49,7 @@ def test_values_and_gradients_equal_the_unfused_reference(shape, weighted, use):
         else:
             torch.testing.assert_close(g, r)
 
+
 def test_relu_is_in_place_and_the_l1_float32():
     pre = torch.randn(4, 6, dtype=torch.bfloat16)
     f, l1 = relu_l1(pre)
@@ -57,8 +58,22 @@ def test_relu_is_in_place_and_the_l1_float32():
     torch.testing.assert_close(l1, f.float().sum(-1))
 
 
-def test_a_broadcast_incoming_gradient_is_copied_not_written():
-    pre = torch.randn(3, 5, requires_grad=True)
-    f, l1 = relu_l1(pre * 1.0)
-    (f.sum() + l1.sum()).backward()  # f.sum()'s gradient is an expanded (stride-0) tensor
-    torch.testing.assert_close(pre.grad, 2.0 * (pre > 0).float())
+def test_an_incoming_gradient_that_another_branch_shares_is_not_written():
+    # `f + y` hands f and y one gradient tensor; y's branch reads it after relu_l1's backward.
+    gen = torch.Generator().manual_seed(1)
+    pre0, y0 = torch.randn(6, 5, generator=gen), torch.randn(6, 5, generator=gen)
+    W = torch.randn(5, 3, generator=gen)
+
+    def grads(fn):
+        pre, y_leaf = pre0.clone().requires_grad_(), y0.clone().requires_grad_()
+        y = y_leaf * 2.0  # made before f: autograd runs its backward after relu_l1's
+        f, l1 = fn(pre * 1.0)
+        ((((f + y) @ W) ** 2).sum() + l1.sum()).backward()
+        return pre.grad, y_leaf.grad
+
+    for got, want in zip(grads(relu_l1), grads(reference_unweighted)):
+        torch.testing.assert_close(got, want)
+
+
+def reference_unweighted(pre):
+    return reference(pre, None)
