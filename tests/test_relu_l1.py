@@ -34,7 +34,7 @@ def test_values_and_gradients_equal_the_unfused_reference(shape, weighted, use):
         f, l1 = fn(pre * 1.0, w)
         terms = []
         if use != "l1 only":
-            terms.append(((f @ W_dec) ** 2).sum())  # the decoder's gradient: a fresh buffer
+            terms.append(((f @ W_dec) ** 2).sum())  # as the decoder uses f
         if use != "f only":
             terms.append((coeff * l1).sum())
         sum(terms).backward()
