@@ -244,7 +244,13 @@ def test_filters_rerender_from_cache_without_activations(shard_root, ckpt, rende
     assert evaluated == out and (out / "cache" / "pass.npz").stat().st_mtime_ns > before
     assert not (out / "cache" / "heat").exists()  # heatmaps of the old pass are dropped
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics == json.loads((rendered / "metrics.json").read_text())
+    # The same numbers up to rounding, not to the bit: this pass cuts batches of the default size
+    # (the first one's were 50), so its float32 products and the order of its float64 sums
+    # differ, as they do with the thread count, CPU or GPU. Re-renders read the cached numbers.
+    want = json.loads((rendered / "metrics.json").read_text())
+    assert metrics.keys() == want.keys()
+    for k, v in want.items():
+        assert metrics[k] == (pytest.approx(v, rel=1e-6) if isinstance(v, float) else v), k
     fresh = tmp_path / "eval"
     last_line(run("visualize.py", f"ckpt={ckpt}", f"dump_to={fresh}", "render=false"))
     assert sorted(p.name for p in fresh.iterdir()) == ["cache", "latents.csv", "metrics.json"]
