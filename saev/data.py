@@ -441,7 +441,8 @@ class OrderedLoader(_Loader):
 
     Same arguments (but no seed) and batch contents as `ShuffledLoader`. Under DDP each rank reads
     a contiguous part of the examples (parts differ in size by at most one example), in batches
-    of `batch_size`.
+    of `batch_size`, and every rank yields the same number of batches: the last ones of a rank
+    with a smaller part (or none) are empty.
     """
 
     interleaved = False
@@ -451,11 +452,25 @@ class OrderedLoader(_Loader):
         return np.array_split(self.examples, self.world_size)[self.rank]
 
     def __len__(self) -> int:
-        return math.ceil(len(self.mine) * self.sel.n_tokens / self.batch_size)
+        # Every rank takes as many steps as the one with the largest part (array_split gives the
+        # first parts one example more), so a rank with fewer examples, or none, ends on empty
+        # batches instead of leaving the others waiting in a collective.
+        largest = math.ceil(len(self.examples) / self.world_size)
+        return math.ceil(largest * self.sel.n_tokens / self.batch_size)
 
     def __iter__(self):
         tasks = self._tasks(self.layout.units(self.mine), None)
-        return self._batches(tasks, len(self.mine) * self.sel.n_tokens)
+        n_batches = 0
+        for batch in self._batches(tasks, len(self.mine) * self.sel.n_tokens):
+            n_batches += 1
+            yield batch
+        for _ in range(n_batches, len(self)):
+            yield self._empty_batch()
+
+    def _empty_batch(self) -> dict[str, torch.Tensor]:
+        empty = torch.empty(0, dtype=torch.int64)
+        act = torch.empty((0, self.d_model), dtype=self.act_dtype)
+        return {"act": act, "example_idx": empty, "token_idx": empty.clone()}
 
 
 # The train/val split must not move when data.seed changes (seed is an SAE-side sweep axis).

@@ -205,7 +205,9 @@ class SAEModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         for m, metric in zip(self.members, self.val_metrics):
-            if metric.n == 0:
+            # Decided on the global count: compute() is a collective under DDP, so a rank that
+            # validated nothing must still join the others' (and none computes if none saw rows).
+            if self._global_sum(metric.n.clone()) == 0:
                 continue
             values = metric.compute()
             metric.reset()

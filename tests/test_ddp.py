@@ -2,6 +2,7 @@
 processes: the ranks split every global batch, so the run ends where one process ends; one run
 directory and one W&B run per SAE; `run_id=` and `ckpt_path=last` work."""
 
+import json
 import pathlib
 import shutil
 import subprocess
@@ -10,7 +11,10 @@ import sys
 import numpy as np
 import pytest
 import safetensors.torch
+import torch
 from test_train import ENV, ROOT, common
+
+from saev import synthetic
 
 SAES = "sweep={sae: [topk, relu]}"
 DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
@@ -66,6 +70,30 @@ def test_ddp_resume_with_run_id_and_ckpt_path_last(shard_root, one_process, tmp_
     assert max_relative_difference(one_process, resumed) < 1e-5
     logged = (resumed / "00-topk" / "metrics.csv").read_text().splitlines()
     assert len(logged) == len(set(logged))
+
+
+@pytest.mark.slow
+def test_ddp_on_a_tiny_recording_validates_and_ends_where_one_process_ends(tmp_path):
+    """3 examples: 1 held out (a rank with nothing to validate) and a train split of 32 tokens,
+    smaller than one batch per rank. Lightning refused a rank's zero-length validation loader,
+    and the other rank then died on the closed connection."""
+    cfg = synthetic.SyntheticConfig(d_model=16, n_features=32, active=3, n_examples=3)
+    root = synthetic.write(tmp_path / "shards", cfg)
+    args = [
+        f"data.shard_root={root}", "data.layer=0", "data.batch_size=512", "data.val_fraction=0.34",
+        "data.buffer_mb=4", "data.n_workers=1", "n_train=5120", f"runs_root={tmp_path}",
+        "sae=topk", "sae.k=3", "sae.exp_factor=2", "wandb.enabled=false",
+    ]  # fmt: skip
+    runs = {
+        n: train_cli([*args, f"run_id=ranks-{n}", *DDP[:1], f"trainer.devices={n}", DDP[2]])
+        for n in (1, 2)
+    }
+    got = {n: json.loads((run / "00-topk" / "metrics.json").read_text()) for n, run in runs.items()}
+    assert got[1]["step"] == got[2]["step"] == 10
+    assert got[2]["val"]["nmse"] == pytest.approx(got[1]["val"]["nmse"], rel=1e-5)
+    a, b = (safetensors.torch.load_file(r / "00-topk" / "sae.safetensors") for r in runs.values())
+    for key in ("W_enc", "b_enc", "W_dec", "b_dec"):
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -230,6 +230,25 @@ def test_ranks_split_each_global_batch_of_the_one_process_run(tmp_path, world_si
     assert all(len(b["act"]) > 0 for batches in per_rank for b in batches[:-1])
 
 
+@pytest.mark.parametrize("n_examples", [1, 3])
+def test_ordered_ranks_take_equal_steps_when_parts_are_small_or_empty(tmp_path, n_examples):
+    """A validation split of fewer examples than ranks, or of parts that need different numbers
+    of batches: every rank yields as many batches (its last ones empty), and together they hold
+    every token once. (Lightning stops on a rank whose loader has zero length.)"""
+    root, stored = make_shards(tmp_path, n_examples=n_examples)
+    per_rank = []
+    for rank in range(2):
+        with OrderedLoader(root, -1, 7, n_workers=1, rank=rank, world_size=2) as loader:
+            batches = collect(loader)[0]
+            assert len(batches) == len(loader) == math.ceil(math.ceil(n_examples / 2) * 5 / 7)
+            per_rank.append(batches)
+    sizes = [[len(b["act"]) for b in batches] for batches in per_rank]
+    assert sum(map(sum, sizes)) == n_examples * 5 and 0 in sizes[1]
+    for b in (b for batches in per_rank for b in batches):
+        assert b["act"].shape[1:] == (8,) and b["act"].dtype == torch.float32
+        np.testing.assert_array_equal(b["act"], stored[b["example_idx"], 1, b["token_idx"]])
+
+
 def test_skip_nonfinite_keeps_ranks_in_step(tmp_path):
     """Dropped rows leave their batch smaller on the rank that read them; no rank gets a batch
     more or fewer (a DDP run would hang at the end)."""
