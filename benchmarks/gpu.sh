@@ -27,7 +27,7 @@ then
     export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # saev and hydra_plugins from this checkout
-$PY -c "import saev.training, torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+$PY -c "import saev.train.job, torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 if [[ ${SIZES:-full} == small ]]; then
     SAE=(--d-model 256 --d-sae 2048 --batch 2048)
     LOADER=(--gb 0.2 --d-model 256 --batch-size 4096)

@@ -39,8 +39,8 @@ import time
 import numpy as np
 
 from saev import shards
-from saev.data import ShuffledLoader
-from saev.loaders import READS, resolve_read
+from saev.data.loaders import ShuffledLoader
+from saev.data.pipeline import READS, resolve_read
 
 N_PATCHES = 196  # ViT-B/16 at 224 px
 READ_BYTES = 16 * 2**20  # the sequential reference's read size with --cold

@@ -4,7 +4,7 @@
     python benchmarks/record.py --family timm --ckpt vit_base_patch16_224 --device cuda
 
 Both sides see identical image tensors, so decoding is out of the picture. The recording side is
-`saev.recording.record_loop`, the loop `record.py` runs: DataLoader and collate, hooked forward
+`saev.record.job.record_loop`, the loop `record.py` runs: DataLoader and collate, hooked forward
 that stops after the last recorded block, narrowing and copy to the host, the writer thread and
 shard files written (and fsynced) to a temporary directory. The bare side calls the trunk's own
 forward on each batch. Each side runs `--repeats` times, interleaved, and the best time counts,
@@ -18,9 +18,11 @@ import time
 
 import torch
 
-from saev import images, recording, shards
-from saev import vit as vitlib
-from saev.record_config import ModelConfig, RecordConfig, SyntheticConfig
+from saev import shards
+from saev.record import images
+from saev.record import job as recording
+from saev.record import vit as vitlib
+from saev.record.config import ModelConfig, RecordConfig, SyntheticConfig
 
 
 @dataclasses.dataclass

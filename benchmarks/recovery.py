@@ -21,10 +21,12 @@ import time
 import torch
 
 from saev import nn as saev_nn
-from saev import synthetic, train_config, training
-from saev.data import DataConfig
+from saev import synthetic
+from saev.data.config import DataConfig
 from saev.nn import SAEConfig
-from saev.train_config import TrainConfig, WandbConfig
+from saev.train import config as train_config
+from saev.train import job as training
+from saev.train.config import TrainConfig, WandbConfig
 
 AUX = dict(aux_k=512, aux_coeff=1 / 32)
 

@@ -22,7 +22,7 @@ import time
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from loader import evict, write_shards  # noqa: E402
 
-from saev.data import ShuffledLoader  # noqa: E402
+from saev.data.loaders import ShuffledLoader  # noqa: E402
 
 
 def first_batch_seconds(root, batch_size: int, buffer_mb: int, at: float, seek: bool) -> float:

@@ -5,7 +5,7 @@ dominates (small SAEs, one epoch over the shards).
     python benchmarks/sweep.py                    # 1.5 GB float32 768-d shards, 8 ReLU SAEs of 32
     python benchmarks/sweep.py --cold             # drop the shards from the page cache first
 
-Runs `saev.training.train` in this process, interleaved (1, N, 1, N, ...: other load on a shared
+Runs `saev.train.job.train` in this process, interleaved (1, N, 1, N, ...: other load on a shared
 machine hits both alike), and prints each run's wall and CPU time, then N-together / 1-alone (the
 target is at most 1.5) and what N separate jobs would cost (N x 1-alone). `--cold` evicts the shard
 files from the page cache before every run (posix_fadvise DONTNEED, no root needed), so every run
@@ -29,10 +29,11 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from loader import N_PATCHES, cpu_seconds, evict, write_shards  # noqa: E402
 
-from saev import shards, training  # noqa: E402
-from saev.data import DataConfig  # noqa: E402
+from saev import shards  # noqa: E402
+from saev.data.config import DataConfig  # noqa: E402
 from saev.nn import SAEConfig  # noqa: E402
-from saev.train_config import TrainConfig, WandbConfig  # noqa: E402
+from saev.train import job as training  # noqa: E402
+from saev.train.config import TrainConfig, WandbConfig  # noqa: E402
 
 
 def configs(args, shard_dir: pathlib.Path, runs_root: pathlib.Path, n: int) -> list[TrainConfig]:

@@ -12,7 +12,7 @@ shared, so ratios measured side by side are what count; medians over --repeats r
    against EleutherAI's sparsify doing the same (its `Sae`, Adam, its gradient projection and
    renormalization, its dead-latent bookkeeping), when `eai-sparsify` is installed
    (`pip install saev[bench]`).
-3. `--batched-n` same-shape SAEs of each of `--batched-kinds` as one batched group (saev.batched)
+3. `--batched-n` same-shape SAEs of each of `--batched-kinds` as one batched group (saev.nn.batched)
    against the same SAEs run one by one (`SAEModule(batched=False)`), same `SAEModule` step.
 
     python benchmarks/train.py                # CPU-sized: d_model 256, d_sae 8192, batch 4096
@@ -31,8 +31,8 @@ import time
 import lightning as L
 import torch
 
-from saev.module import Member, SAEModule
 from saev.nn import SAE, SAEConfig
+from saev.train.module import Member, SAEModule
 
 
 class RandomBatches:

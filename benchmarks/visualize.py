@@ -1,4 +1,4 @@
-"""Throughput and peak memory of visualize's pass (`saev.visuals.summarize`), issue 8.
+"""Throughput and peak memory of visualize's pass (`saev.visualize.statistics.summarize`), issue 8.
 
     python benchmarks/visualize.py                          # d_sae 16384, top_k 128, CPU or GPU
     python benchmarks/visualize.py --device cuda --n-batches 50
@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from saev import nn, visuals
+from saev import nn
+from saev.visualize import statistics as visuals
 
 
 def batches(n: int, batch_size: int, d_model: int, device):

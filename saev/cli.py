@@ -1,9 +1,16 @@
-"""What the three entry points share about the terminal: output a user can act on, nothing else.
+"""What the three entry points share about the command line and the terminal: output a user can
+act on, nothing else. Imports nothing heavy (each function imports what it needs when called),
+so that a mistake on the command line is reported before torch or Lightning load.
 
-`quiet()` silences third-party chatter that no setting of ours changes (Lightning's hardware
-lines and product tips, a deprecation inside Lightning, the `srun` hint on SLURM login nodes,
-W&B's offline banners); `progress(...)` is a tqdm bar that draws only on a terminal, so logs and
-CI output hold no carriage-return spam.
+- Errors: `fail` prints one line `error: ...` and exits `USER_ERROR`; `one_line` makes that line
+  from an exception chain; `run_or_exit` runs a job, prints its output directory last, and turns
+  the user's mistakes into such a line.
+- Checks before Hydra composes: `check_command_line` (unknown keys and choices, bad types) and
+  `check_sae_choices`; `--help` from the schemas (`options`, `print_help`).
+- The terminal: `quiet()` silences third-party chatter that no setting of ours changes
+  (Lightning's hardware lines and product tips, a deprecation inside Lightning, the `srun` hint
+  on SLURM login nodes, W&B's offline banners); `progress(...)` is a tqdm bar that draws only on
+  a terminal, so logs and CI output hold no carriage-return spam.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ def progress(**kw):
     from tqdm import tqdm
 
     # tqdm's monitor thread (started even by a disabled bar) outlives the bar: a later job of an
-    # in-process multirun would fork its loader workers beside it (saev.data._Loader.start).
+    # in-process multirun would fork its loader workers beside it (saev.data.loaders).
     tqdm.monitor_interval = 0
     kw.setdefault("file", sys.stderr)
     kw.setdefault("dynamic_ncols", True)
@@ -60,6 +67,71 @@ def fail(message: str) -> None:
     """Print `error: <message>` as one line on stderr and exit with USER_ERROR."""
     print(f"error: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(USER_ERROR)
+
+
+def fail_on(err: BaseException) -> None:
+    """`fail` with the first line of an exception's message."""
+    fail(str(err).split("\n")[0] or type(err).__name__)
+
+
+def one_line(err: BaseException) -> str:
+    """The informative first lines of an error and of its direct cause (Hydra wraps OmegaConf's
+    error, which says what is wrong), joined into one."""
+    lines, hints = [], []
+    for e in (err, err.__cause__) if err.__cause__ is not None else (err,):
+        for line in str(e).splitlines():
+            if not line.strip() or line.startswith((" ", "\t", "Set the env")):
+                break
+            line = line.strip().rstrip(".")
+            if line not in lines and line not in hints:
+                (hints if line.startswith("To append") else lines).append(line)
+    text = ": ".join(lines) + (f" ({hints[0][0].lower()}{hints[0][1:]})" if hints else "")
+    return text or type(err).__name__
+
+
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+"""Where launchers (Lightning's DDP, torchrun, SLURM, LSF) put a process's rank, first found wins
+(the order Lightning reads them in)."""
+
+
+def global_rank() -> int:
+    """This process's DDP rank, 0 outside DDP."""
+    for name in RANK_VARIABLES:
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def run_or_exit(fn, user_errors: tuple[type[BaseException], ...] = ()):
+    """Run `fn` (returning the output directory) and print the directory as the last line, on
+    rank 0 only; a mistake in what the user gave (`ValueError`, `FileNotFoundError`, Hydra's and
+    OmegaConf's errors, and `user_errors`) prints one line `error: ...` and exits USER_ERROR."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    errors = (ValueError, FileNotFoundError, OmegaConfBaseException, HydraException, *user_errors)
+    try:
+        out = fn()
+    except errors as err:
+        fail_on(err)
+    if global_rank() == 0:  # DDP ranks Lightning started run this too; one line, printed last
+        print(out)
+    return out
+
+
+def check_sae_choices(argv: list[str], conf_dir) -> None:
+    """Fail in one line on an unknown `sae=<kind>` before Hydra composes (whose own message is
+    a multi-line report); comma lists are multirun choices."""
+    import pathlib
+
+    known = sorted(p.stem for p in (pathlib.Path(conf_dir) / "sae").glob("*.yaml"))
+    for arg in argv:
+        if re.fullmatch(r"sae=\w+\(.*\)", arg):
+            continue  # choice(...), glob(...): Hydra expands and checks them
+        if arg.startswith("sae="):
+            for choice in arg.removeprefix("sae=").split(","):
+                if choice not in known:
+                    fail(f"unknown SAE kind sae={choice}; choose one of {known}.")
 
 
 def _flat_keys(node, prefix: str = "") -> list[str]:
@@ -99,14 +171,34 @@ def _suggestion(err_text: str, conf_dir, config_name: str) -> str:
     return f" (did you mean {close[0]}?)" if close else ""
 
 
-def check_command_line(argv: list[str], conf_dir, config_name: str) -> None:
+RENAMED = {
+    "visualize": {
+        "dump_to": "out=<dir> (dump_to is record.py's parent of shard directories)",
+        "images.root": "data.root=<dir> (the image dataset's root, as in record.py)",
+    },
+}
+"""Keys that an entry point spelled otherwise before: {config: {old key: what to write now}}."""
+
+
+def check_renamed(argv: list[str], config_name: str) -> None:
+    """Fail in one line on a key this entry point used to spell otherwise, naming the new one."""
+    for arg in argv:
+        key = arg.split("=", 1)[0].lstrip("+~")
+        if key in RENAMED.get(config_name, {}):
+            fail(f"{key}= was renamed: write {RENAMED[config_name][key]}.")
+
+
+def check_command_line(argv: list[str], conf_dir, config_name: str, axes=None) -> None:
     """Fail in one line, exit USER_ERROR, on what Hydra would reject while composing (an unknown
     key, naming the nearest known one; a value of the wrong type; an unknown config-group
-    choice), before Hydra's multi-line report. A multirun is checked with each axis's first
-    value; flags this does not model (--cfg, --config-name, ...) skip the check."""
+    choice), before Hydra's multi-line report. A multirun is checked with the first value of each
+    of its axes (`axes(overrides)`: {key: one override per value}; `train.py` passes the sweep's
+    own, `saev.train.sweep.axes`); flags this does not model (--cfg, --config-name, ...) skip the
+    check."""
     import pathlib
 
     conf_dir = pathlib.Path(conf_dir)
+    check_renamed(argv, config_name)
     multirun = bool({"-m", "--multirun"} & set(argv))
     args = [a for a in argv if a not in ("-m", "--multirun")]
     if any(a.startswith("-") for a in args):
@@ -117,14 +209,12 @@ def check_command_line(argv: list[str], conf_dir, config_name: str) -> None:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from saev.sweep import axes, one_line
-
     try:
         overrides = OverridesParser.create().parse_overrides(args)
         if multirun:
             # A glob needs the config loader to expand (the sweeper has it); leave it to it.
             overrides = [o for o in overrides if o.value_type != ValueType.GLOB_CHOICE_SWEEP]
-            args = [v[0] for v in axes(overrides).values()]
+            args = [v[0] for v in (axes or _plain_axes)(overrides).values()]
         with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
             compose(config_name, overrides=args, return_hydra_config=True)
     except (ValueError, HydraException, OmegaConfBaseException) as err:
@@ -132,6 +222,16 @@ def check_command_line(argv: list[str], conf_dir, config_name: str) -> None:
         if hint:  # a typo: the nearest known key, not Hydra's advice to append a new one
             text = re.sub(r" \(to append to your config use [^)]*\)", "", text)
         fail(text + hint)
+
+
+def _plain_axes(overrides: list) -> dict[str, list[str]]:
+    """Hydra's own multirun grid: {key: one override per swept value}."""
+    out = {}
+    for o in overrides:
+        key = o.get_key_element()
+        swept = o.is_sweep_override() and o.is_discrete_sweep()
+        out[key] = [f"{key}={v}" for v in o.sweep_string_iterator()] if swept else [o.input_line]
+    return out
 
 
 def _field_docs(cls) -> dict[str, str]:

@@ -50,3 +50,8 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# The recorded dataset, crafted SAE and rendered browser that visualize's and the browser's tests
+# share (module-scoped: each module that asks builds its own).
+from helpers.visualize import crafted_ckpt, recorded_shards, rendered  # noqa: E402, F401

@@ -1,4 +1,4 @@
-"""Same-kind, same-shape SAEs of a job run as batched products (saev.batched) and still end where
+"""Same-kind, same-shape SAEs of a job run as batched products (saev.nn.batched) and still end where
 each would end alone: the step's values and every gradient, whole `python train.py` runs against
 each SAE trained on its own, resume, torch.compile and DDP."""
 
@@ -9,12 +9,11 @@ import json
 import pytest
 import safetensors.torch
 import torch
-from test_ddp import DDP, train_cli
-from test_train import common, configs, run_api, weights
+from helpers.train import DDP, common, configs, run_api, train_cli, weights
 
-from saev import batched, training
-from saev.module import Member, SAEModule
-from saev.nn import SAEConfig
+from saev.nn import SAEConfig, batched
+from saev.train import job as training
+from saev.train.module import Member, SAEModule
 
 D, S, B = 16, 64, 96
 

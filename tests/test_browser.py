@@ -14,7 +14,6 @@ import subprocess
 import time
 
 import pytest
-from test_visualize import ckpt, rendered, shard_root  # noqa: F401  (module fixtures)
 
 FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -121,7 +120,7 @@ class Chromium:
 
 
 @pytest.mark.slow
-def test_browser_opens_from_disk(rendered, tmp_path):  # noqa: F811
+def test_browser_opens_from_disk(rendered, tmp_path):
     exe = chromium_path()
     if exe is None:
         pytest.skip("chromium is not installed (apt-get install chromium); CI installs it")

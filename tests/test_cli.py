@@ -57,6 +57,8 @@ def test_help_lists_only_what_the_entry_uses(script, groups, absent, options):
         ("visualize.py", ["ckpt=x", "top_kk=3"], "(did you mean top_k?)"),
         ("visualize.py", ["ckpt=/nowhere"], "lacks config.json"),
         ("train.py", ["data.shard_root=/nowhere", "data.layer=0"], "does not exist"),
+        ("visualize.py", ["ckpt=x", "dump_to=/tmp/v"], "dump_to= was renamed: write out=<dir>"),
+        ("visualize.py", ["ckpt=x", "images.root=/d"], "images.root= was renamed: write data.root"),
     ],
 )
 def test_user_errors_are_one_line_with_one_exit_code(script, args, fragment):
@@ -93,3 +95,27 @@ def test_progress_bars_draw_on_a_terminal_only(tmp_path):
     assert b"img/s" in seen
     res = run(args[0], *args[1:-2], f"dump_to={tmp_path / 'b'}", "n_workers=0")
     assert res.returncode == 0 and "img/s" not in res.stderr
+
+
+# `-X importtime` lists every module a run imported, with the time each took, on stderr.
+HEAVY = ("torch", "lightning", "timm", "open_clip", "wandb")
+
+
+@pytest.mark.parametrize(
+    "script, args, fragment",
+    [
+        ("record.py", ["model=nosuch"], "Could not find 'model/nosuch'"),
+        ("train.py", ["sae=nosuch"], "unknown SAE kind sae=nosuch"),
+        ("visualize.py", ["ckpt=/nonexistent"], "/nonexistent lacks config.json"),
+    ],
+)
+def test_a_user_error_is_reported_before_anything_heavy_is_imported(script, args, fragment):
+    """The config schemas, the checks and the entry points import no torch, Lightning, timm,
+    open_clip or W&B, so the one line comes in about a second, not the 5+ s those take."""
+    res = run("-X", "importtime", script, *args)
+    assert res.returncode == cli.USER_ERROR
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and fragment in errors[0], res.stderr[-2000:]
+    imported = {line.split("|")[-1].strip() for line in res.stderr.splitlines() if "|" in line}
+    assert "saev.cli" in imported  # the listing is there: the check below can fail
+    assert not [m for m in imported if m.split(".")[0] in HEAVY], sorted(imported)

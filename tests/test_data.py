@@ -1,30 +1,20 @@
 """ShardDataModule, DataConfig, normalization, the public saev's shard format, and bad input."""
 
-import base64
 import json
 import pickle
 
 import numpy as np
 import pytest
 import torch
-from test_loaders import collect, make_shards
+from helpers.shards import cfg_for, collect, make_read_only, make_shards, write_public_saev
 
-from saev import data, normalization, shards
-from saev.data import (
-    DataConfig,
-    NormStats,
-    OrderedLoader,
-    ShardDataModule,
-    ShuffledLoader,
-    open_shard_set,
-)
-
-
-def cfg_for(root, **kw):
-    base = dict(
-        shard_root=str(root), layer=-1, batch_size=16, n_workers=1, buffer_mb=1, val_fraction=0.2
-    )
-    return DataConfig(**{**base, **kw})
+from saev import shards
+from saev.data import datamodule, loaders, normalization
+from saev.data.config import DataConfig
+from saev.data.datamodule import ShardDataModule
+from saev.data.loaders import OrderedLoader, ShuffledLoader
+from saev.data.normalization import NormStats
+from saev.shards import open_shard_set
 
 
 def one_line(err):
@@ -32,35 +22,6 @@ def one_line(err):
 
 
 # ---------------------------------------------------------------------------- public saev format
-
-
-def write_public_saev(
-    root, *, n_examples=(4, 4, 2, 0), layers=(6, 11), content=3, cls_token=True, d_model=8
-):
-    """A protocol-2.1 directory: full-size .bin files padded with NaN, a trailing empty shard."""
-    root.mkdir(parents=True)
-    T, L = content + int(cls_token), len(layers)
-    per_shard = max(n_examples)
-    payload = b"cno_such_module\nThing\n."  # GLOBAL opcode: unpickling imports a missing module
-    md = {
-        "family": "clip", "ckpt": "ViT-B-16/openai", "layers": list(layers),
-        "content_tokens_per_example": content, "cls_token": cls_token, "d_model": d_model,
-        "n_examples": sum(n_examples), "max_tokens_per_shard": per_shard * T * L + T - 1,
-        "data": base64.b64encode(payload).decode(), "dataset": "/data/imgs", "pixel_agg": None,
-        "dtype": "float32", "protocol": "2.1",
-    }  # fmt: skip
-    (root / "metadata.json").write_text(json.dumps(md))
-    rng = np.random.default_rng(0)
-    acts_NLTD = rng.normal(size=(sum(n_examples), L, T, d_model)).astype(np.float32)
-    listing, start = [], 0
-    for i, n in enumerate(n_examples):
-        full = np.full((per_shard, L, T, d_model), np.nan, dtype=np.float32)
-        full[:n] = acts_NLTD[start : start + n]
-        full.tofile(root / f"acts{i:06d}.bin")
-        listing.append({"name": f"acts{i:06d}.bin", "n_examples": n})
-        start += n
-    (root / "shards.json").write_text(json.dumps(listing))
-    return root, acts_NLTD
 
 
 def test_public_saev_shards_read_correctly(tmp_path, monkeypatch):
@@ -192,7 +153,7 @@ def test_loaders_take_the_rank_when_built_not_at_setup(tmp_path, monkeypatch):
     root, _ = make_shards(tmp_path, n_examples=30)
     dm = ShardDataModule(cfg_for(root, batch_size=16))
     dm.setup("fit")  # rank 0 of 1 here
-    monkeypatch.setattr(data, "_dist", lambda: (1, 2))  # as inside trainer.fit under DDP
+    monkeypatch.setattr(datamodule, "_dist", lambda: (1, 2))  # as inside trainer.fit under DDP
     train, val = dm.train_dataloader(), dm.val_dataloader()
     assert (train.rank, train.world_size, train.batch_size) == (1, 2, 16)
     assert (val.rank, val.world_size, val.batch_size) == (1, 2, 8)
@@ -273,18 +234,6 @@ def test_norm_stats_are_cached_next_to_shards(tmp_path, monkeypatch):
         ShardDataModule(cfg_for(root, scale_mean=True, tokens="all")).setup("fit")
 
 
-def make_read_only(root, monkeypatch) -> None:
-    """Statistics cannot be written under `root` (tests run as root: chmod would not stop it)."""
-    real = normalization._write_json
-
-    def read_only(path, obj):
-        if str(path).startswith(str(root)):
-            raise PermissionError(13, "Permission denied")
-        real(path, obj)
-
-    monkeypatch.setattr(normalization, "_write_json", read_only)
-
-
 def test_norm_stats_fall_back_to_cache_dir_when_read_only(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("SAEV_CACHE", str(tmp_path / "cache"))
     root, _ = make_shards(tmp_path)
@@ -335,7 +284,7 @@ def test_lightning_fit_runs_on_the_datamodule(tmp_path):
 def test_single_thread_copy_matches_torch_copy(dtype, n_rows):
     src = torch.randn(n_rows, 768).to(dtype)
     dst = torch.full((n_rows, 768), float("nan"))
-    data._copy_1thread(dst, src)
+    loaders._copy_1thread(dst, src)
     assert torch.equal(dst, src.float())
 
 
@@ -349,7 +298,7 @@ def test_readers_start_before_training_and_learn_their_rank_later(tmp_path, monk
     train, val = dm._train_loader, dm._val_loader
     assert train._pipeline._procs and all(p.is_alive() for p in train._pipeline._procs)
     assert val._pipeline._procs
-    monkeypatch.setattr(data, "_dist", lambda: (1, 2))  # inside trainer.fit under DDP
+    monkeypatch.setattr(datamodule, "_dist", lambda: (1, 2))  # inside trainer.fit under DDP
     assert dm.train_dataloader() is train and (train.rank, train.world_size) == (1, 2)
     assert dm.val_dataloader() is val and (val.rank, val.batch_size) == (1, 8)
     dm.teardown("fit")

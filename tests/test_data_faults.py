@@ -10,11 +10,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_data import cfg_for, make_read_only
-from test_loaders import make_shards
+from helpers.shards import cfg_for, make_read_only, make_shards
 
-from saev import normalization, shards
-from saev.data import ShardDataModule
+from saev import shards
+from saev.data import normalization
+from saev.data.datamodule import ShardDataModule
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}

@@ -5,29 +5,16 @@ directory and one W&B run per SAE; `run_id=` and `ckpt_path=last` work."""
 import json
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import safetensors.torch
 import torch
-from test_train import ENV, ROOT, common
+from helpers.train import DDP, common, train_cli
 
 from saev import synthetic
 
 SAES = "sweep={sae: [topk, relu]}"
-DDP = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp"]
-
-
-def train_cli(args: list[str], stderr: bool = False):
-    cmd = [sys.executable, "train.py", *args]
-    res = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    lines = res.stdout.strip().splitlines()
-    assert lines.count(lines[-1]) == 1  # the run directory, printed once, last
-    output = res.stdout + res.stderr
-    return (pathlib.Path(lines[-1]), output) if stderr else pathlib.Path(lines[-1])
 
 
 def max_relative_difference(a: pathlib.Path, b: pathlib.Path) -> float:

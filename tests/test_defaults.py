@@ -11,8 +11,10 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from saev import synthetic, train_config, training
-from saev.train_config import default_lr
+from saev import synthetic
+from saev.train import config as train_config
+from saev.train import job as training
+from saev.train.config import default_lr
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 train_config.register()

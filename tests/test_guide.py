@@ -11,10 +11,12 @@ import sys
 
 import pytest
 from conftest import require_slurm
-from test_data import write_public_saev
+from helpers.shards import write_public_saev
 
-import saev.record_config  # noqa: F401  (registers record's schemas, as record.py does)
-from saev import cli, train_config, visualize_config
+import saev.record.config  # noqa: F401  (registers record's schemas, as record.py does)
+from saev import cli
+from saev.train import config as train_config
+from saev.visualize import config as visualize_config
 
 train_config.register()
 visualize_config.register()

@@ -5,8 +5,8 @@ import pytest
 from PIL import Image
 from torchvision import transforms
 
-from saev import images
-from saev.record_config import (
+from saev.record import images
+from saev.record.config import (
     Ade20kConfig,
     ImageFolderConfig,
     ImageNetConfig,

@@ -1,10 +1,10 @@
-"""saev.jumprelu.jumprelu_l0: the fused JumpReLU + L0 Function equals the paper's two
+"""saev.nn.jumprelu.jumprelu_l0: the fused JumpReLU + L0 Function equals the paper's two
 straight-through estimators (Rajamanoharan et al. 2024, eqs. 11 and 12) differentiated apart."""
 
 import pytest
 import torch
 
-from saev.jumprelu import JumpReLU, _rect, jumprelu_l0
+from saev.nn.jumprelu import JumpReLU, _rect, jumprelu_l0
 
 
 class Step(torch.autograd.Function):

@@ -9,50 +9,18 @@ import threading
 import numpy as np
 import pytest
 import torch
+from helpers.shards import collect, make_shards
 
-from saev import data, loaders, shards
-from saev.data import OrderedLoader, ShuffledLoader
-from saev.loaders import Layout, NonFiniteError, Source, select
-
-
-def make_shards(
-    tmp_path,
-    *,
-    n_examples=23,
-    layers=(3, -1),
-    cls_token=True,
-    n_patches=5,
-    d_model=8,
-    dtype="float32",
-    per_shard=7,
-    seed=0,
-):
-    """Write our format; returns (root, float32 [N, L, T, D] exactly as stored)."""
-    md = shards.Metadata(
-        model={"family": "test", "ckpt": "none"}, layers=layers, cls_token=cls_token,
-        n_patches_per_example=n_patches, d_model=d_model, dtype=dtype, n_examples=n_examples,
-        examples_per_shard=per_shard, data={"name": "synthetic", "seed": seed},
-    )  # fmt: skip
-    rng = np.random.default_rng(seed)
-    acts_NLTD = rng.normal(size=(n_examples, len(layers), md.n_tokens_per_example, d_model)).astype(
-        np.float32
-    )
-    with shards.ShardWriter(tmp_path, md) as writer:
-        writer.add(acts_NLTD, [{"index": i} for i in range(n_examples)])
-    stored = shards.to_float32(shards.from_float32(acts_NLTD, dtype), dtype)
-    return writer.root, stored
+from saev import shards
+from saev.data import loaders, pipeline
+from saev.data.loaders import OrderedLoader, ShuffledLoader
+from saev.data.pipeline import Layout, NonFiniteError, Source, select
 
 
 @pytest.fixture(autouse=True)
 def many_cpus(monkeypatch):
     """Start the n_workers processes the tests ask for, however few CPUs this machine has."""
-    monkeypatch.setattr(data, "_usable_cpus", lambda: 64)
-
-
-def collect(loader):
-    batches = list(loader)
-    cat = lambda k: torch.cat([b[k] for b in batches])
-    return batches, cat("act").float().numpy(), cat("example_idx").numpy(), cat("token_idx").numpy()
+    monkeypatch.setattr(loaders, "_usable_cpus", lambda: 64)
 
 
 def expected_tokens(tokens, cls_token, n_tokens):
@@ -177,7 +145,7 @@ def test_shuffle_quality_matches_the_documented_formula(tmp_path):
 @pytest.mark.parametrize("g0,batch_size", [(0, 7), (5, 7), (3, 1), (2, 1000)])
 def test_batch_grouped_keeps_each_row_s_batch_and_puts_a_batch_in_fill_order(g0, batch_size):
     perm_R = np.random.default_rng(g0).permutation(100)
-    grouped_R = data.batch_grouped(perm_R, g0, batch_size)
+    grouped_R = loaders.batch_grouped(perm_R, g0, batch_size)
     np.testing.assert_array_equal(np.sort(grouped_R), np.arange(100))  # still a permutation
     np.testing.assert_array_equal((grouped_R + g0) // batch_size, (perm_R + g0) // batch_size)
     rows_in_position_order = np.argsort(grouped_R)
@@ -385,7 +353,7 @@ def test_process_cap_keeps_the_order(tmp_path, monkeypatch):
     root, _ = make_shards(tmp_path)
     runs = []
     for cpus in (64, 2, 1):
-        monkeypatch.setattr(data, "_usable_cpus", lambda cpus=cpus: cpus)
+        monkeypatch.setattr(loaders, "_usable_cpus", lambda cpus=cpus: cpus)
         with ShuffledLoader(root, 3, 16, seed=1, n_workers=3, buffer_mb=0.004) as loader:
             assert loader.n_procs == min(3, max(1, cpus - 1))
             runs.append(collect(loader)[1:])
@@ -398,10 +366,10 @@ def test_process_cap_keeps_the_order(tmp_path, monkeypatch):
 def test_prefaulting_the_buffer_keeps_exactly_once(tmp_path, monkeypatch, advice):
     """The main process maps pages of slots that a worker may be filling at the same time."""
     root, stored = make_shards(tmp_path, n_examples=60, d_model=64)
-    monkeypatch.setattr(loaders, "PREFAULT_BYTES", 4 * mmap.PAGESIZE)
+    monkeypatch.setattr(pipeline, "PREFAULT_BYTES", 4 * mmap.PAGESIZE)
     if advice == "fails":  # a kernel without MADV_POPULATE_*: EINVAL, the writes fault pages in
-        monkeypatch.setattr(loaders, "MADV_POPULATE_WRITE", -1)
-        monkeypatch.setattr(loaders, "MADV_POPULATE_READ", -1)
+        monkeypatch.setattr(pipeline, "MADV_POPULATE_WRITE", -1)
+        monkeypatch.setattr(pipeline, "MADV_POPULATE_READ", -1)
     with ShuffledLoader(root, 3, 50, "all", seed=2, n_workers=1, buffer_mb=0.25) as loader:
         loader.start()
         fresh, slot_bytes = loader._pipeline._fresh, loader._pipeline.slots[0].nbytes
@@ -437,11 +405,11 @@ def test_map_slot_maps_once_and_keeps_the_contents():
     slots[:] = expected
     mapped: set[int] = set()
     for slot in (1, 1, 2, 0):
-        loaders.map_slot(buf, slots, slot, mapped)
+        pipeline.map_slot(buf, slots, slot, mapped)
     assert mapped == {0, 1, 2}
     assert [start for _, start, _ in buf.calls] == [page, 2 * page, 0]
     for (advice, start, length), slot in zip(buf.calls, (1, 2, 0)):
-        assert advice == loaders.MADV_POPULATE_READ and start % page == 0
+        assert advice == pipeline.MADV_POPULATE_READ and start % page == 0
         assert start <= slot * slot_bytes and start + length >= (slot + 1) * slot_bytes
     np.testing.assert_array_equal(slots, expected)
 
@@ -473,7 +441,7 @@ def test_batch_arrays_are_reused_small_page_arrays(tmp_path):
             seen.add(address)
             n_batches += 1
         assert n_batches > 3 and 1 <= len(seen) <= 3  # one held while the next one is cut
-    arr = data.small_page_array((5, 7), np.float32)
+    arr = loaders.small_page_array((5, 7), np.float32)
     assert arr.shape == (5, 7) and arr.dtype == np.float32 and arr.flags.writeable
     arr[:] = 1.5
     assert arr.sum() == 52.5
@@ -509,20 +477,20 @@ def test_main_process_fills_queued_slots_when_workers_lag(tmp_path):
 
     root, stored = make_shards(tmp_path)
     with ShuffledLoader(root, -1, 16, "all", seed=3, n_workers=2, buffer_mb=0.002) as loader:
-        loader._pipeline = loaders.Pipeline(
+        loader._pipeline = pipeline.Pipeline(
             Source(loader.shard_set, loader.layout), loader.d_model, loader.slot_rows,
             loader.n_slots, loader.n_procs,
         )  # fmt: skip
-        pipeline = loader._pipeline
-        pipeline._procs = [_IdleWorker()]
-        pipeline._tasks, pipeline._results = _ThreadQueue(), _ThreadQueue()
+        pipe = loader._pipeline
+        pipe._procs = [_IdleWorker()]
+        pipe._tasks, pipe._results = _ThreadQueue(), _ThreadQueue()
         for _ in range(2):
             _, act, ex, tok = collect(loader)
             assert sorted(zip(ex.tolist(), tok.tolist())) == [
                 (e, t) for e in range(23) for t in range(6)
             ]
             np.testing.assert_array_equal(act, stored[ex, 1, tok])
-        assert pipeline._outstanding == 0
+        assert pipe._outstanding == 0
 
 
 @pytest.mark.parametrize("n_workers", [0, 2])
@@ -564,10 +532,10 @@ def test_iter_from_is_the_epoch_s_tail_without_reading_what_comes_before(
 def test_closed_loaders_leave_no_thread_and_a_fork_beside_one_is_named(tmp_path, caplog):
     """A closed loader's queue threads are gone, so the next loader of the process (the next job
     of an in-process multirun) forks its workers alone; forking beside another thread warns."""
-    caplog.set_level("INFO", logger="saev.loaders")  # info: notebooks always run threads
+    caplog.set_level("INFO", logger="saev.data.pipeline")  # info: notebooks always run threads
 
     def named() -> set[str]:  # the threads that the info lines so far named
-        lines = [r.args[0] for r in caplog.records if r.msg == loaders.FORK_WITH_THREADS]
+        lines = [r.args[0] for r in caplog.records if r.msg == pipeline.FORK_WITH_THREADS]
         return {name for line in lines for name in line.split(", ")}
 
     root, stored = make_shards(tmp_path)
@@ -624,7 +592,7 @@ def test_workers_die_with_a_killed_main_process(tmp_path):
     root, _ = make_shards(tmp_path, n_examples=60)
     script = (
         "import sys, time\n"
-        "from saev.data import ShuffledLoader\n"
+        "from saev.data.loaders import ShuffledLoader\n"
         f"loader = ShuffledLoader({str(root)!r}, 3, 4, n_workers=2, buffer_mb=0.002)\n"
         "next(iter(loader))\n"
         "print(' '.join(str(p.pid) for p in loader._pipeline._procs), flush=True)\n"
@@ -656,7 +624,7 @@ def test_workers_die_with_a_killed_main_process(tmp_path):
 def ranges_path(monkeypatch):
     """Send every unit through the range copy of `Source.fill` (the read path's), which tiny test
     examples would otherwise skip for the small-run gather."""
-    monkeypatch.setattr(loaders, "SMALL_RUN_BYTES", 0)
+    monkeypatch.setattr(pipeline, "SMALL_RUN_BYTES", 0)
 
 
 @pytest.mark.parametrize(
@@ -668,9 +636,9 @@ def test_read_paths_serve_the_files_exactly_once(
 ):
     """Each read path, chosen by name or by "auto" (here for a set larger than the memory)."""
     if memory is not None:
-        monkeypatch.setattr(loaders, "memory_bytes", lambda: memory)
+        monkeypatch.setattr(pipeline, "memory_bytes", lambda: memory)
     # A scratch buffer of 3 rows: pread ranges go through it in several pieces.
-    monkeypatch.setattr(loaders, "SCRATCH_BYTES", 3 * 8 * 4)
+    monkeypatch.setattr(pipeline, "SCRATCH_BYTES", 3 * 8 * 4)
     root, stored = make_shards(tmp_path, n_examples=40)
     kw = dict(n_workers=n_workers, buffer_mb=0.004, read=read)
     with ShuffledLoader(root, 3, 16, "all", seed=5, **kw) as loader:
@@ -718,12 +686,12 @@ def test_pread_maps_nothing_and_prefetches_every_range(tmp_path, ranges_path, mo
 def test_auto_read_maps_sets_that_fit_in_half_the_memory(tmp_path, monkeypatch):
     root, _ = make_shards(tmp_path)
     n_bytes = sum(f.path.stat().st_size for f in shards.open_shards(root).files)
-    monkeypatch.setattr(loaders, "memory_bytes", lambda: 2 * n_bytes)
+    monkeypatch.setattr(pipeline, "memory_bytes", lambda: 2 * n_bytes)
     assert ShuffledLoader(root, 3, 16).read == "mmap"
-    monkeypatch.setattr(loaders, "memory_bytes", lambda: 2 * n_bytes - 2)
+    monkeypatch.setattr(pipeline, "memory_bytes", lambda: 2 * n_bytes - 2)
     assert ShuffledLoader(root, 3, 16).read == "pread"
     assert ShuffledLoader(root, 3, 16, read="mmap").read == "mmap"
-    assert 0 < loaders.memory_bytes() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert 0 < pipeline.memory_bytes() <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     with pytest.raises(
         ValueError, match=r"read='direct' is not one of \('auto', 'mmap', 'pread'\)"
     ):
@@ -760,7 +728,7 @@ def test_workers_may_open_a_descriptor_per_shard():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
         resource.setrlimit(resource.RLIMIT_NOFILE, (300, hard))
-        loaders.allow_open_files(1000)
+        pipeline.allow_open_files(1000)
         got = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         assert got == (1256 if hard == resource.RLIM_INFINITY else min(1256, hard))
     finally:

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from saev import metrics
-from saev.metrics import SAEMetrics, dead_fraction
+from saev.train import metrics
+from saev.train.metrics import SAEMetrics, dead_fraction
 
 
 @pytest.mark.parametrize("count_elements", [2**22, 45])  # 45: rows counted 2 at a time

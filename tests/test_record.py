@@ -268,8 +268,8 @@ def test_kill_9_then_resume_is_byte_identical(tmp_path):
 
     proc = record(*args, f"dump_to={killed_to}", cwd=tmp_path, wait=False)
     # Meanwhile the uninterrupted run, in this process: the same code without another startup.
-    from saev import recording
-    from saev.record_config import RecordConfig, SyntheticConfig
+    from saev.record import job as recording
+    from saev.record.config import RecordConfig, SyntheticConfig
 
     clean_cfg = RecordConfig(
         data=SyntheticConfig(n_images=400),
@@ -349,15 +349,15 @@ def test_errors_after_the_model_loads(tmp_path):
     assert sorted(p.name for p in full.iterdir()) == [".lock", "examples.jsonl", "metadata.json"]
 
 
-# In process: the same `saev.recording.record` that record.py calls, without import overhead.
+# In process: the same `saev.record.job.record` that record.py calls, without import overhead.
 
 
 @pytest.mark.slow
 def test_rerun_of_a_finished_run_with_skipped_images_changes_nothing(
     tiny_run, photos, tiny_weights
 ):
-    from saev import recording
-    from saev.record_config import ImageFolderConfig, ModelConfig, RecordConfig
+    from saev.record import job as recording
+    from saev.record.config import ImageFolderConfig, ModelConfig, RecordConfig
 
     root = shard_dir(tiny_run[2])
     before = {p.name: p.read_bytes() for p in root.iterdir()}
@@ -377,8 +377,8 @@ def test_rerun_of_a_finished_run_with_skipped_images_changes_nothing(
 
 @pytest.mark.slow
 def test_ade20k_records_patch_labels_and_resumes_them(tmp_path):
-    from saev import recording
-    from saev.record_config import Ade20kConfig, RecordConfig
+    from saev.record import job as recording
+    from saev.record.config import Ade20kConfig, RecordConfig
 
     ade = tmp_path / "ADEChallengeData2016"
     (ade / "annotations" / "training").mkdir(parents=True)
@@ -419,7 +419,7 @@ def test_every_config_file_composes_into_the_typed_schema(tmp_path):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from saev.record_config import DATA_SCHEMAS, ModelConfig, RecordConfig
+    from saev.record.config import DATA_SCHEMAS, ModelConfig, RecordConfig
 
     conf = REPO / "conf"
     with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
@@ -443,7 +443,7 @@ def test_every_config_file_composes_into_the_typed_schema(tmp_path):
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 def test_device_narrowing_matches_the_shard_format_bytes(device, dtype):
-    from saev.recording import host_array, to_host
+    from saev.record.job import host_array, to_host
 
     acts = torch.randn(3, 2, 5, 7) * 50
     acts[0, 0, 0, :3] = torch.tensor([1.00390625, 1.01171875, -(2.0**-140)])  # ties, subnormal
@@ -453,8 +453,8 @@ def test_device_narrowing_matches_the_shard_format_bytes(device, dtype):
 
 
 def test_an_unreadable_image_stops_the_run_naming_the_file(tmp_path, photos):
-    from saev import recording
-    from saev.record_config import ImageFolderConfig, RecordConfig
+    from saev.record import job as recording
+    from saev.record.config import ImageFolderConfig, RecordConfig
 
     cfg = RecordConfig(
         data=ImageFolderConfig(root=str(photos)), n_workers=0, dump_to=str(tmp_path / "shards")
@@ -471,7 +471,7 @@ def test_record_batches_are_pinned_by_the_data_loader():
     pageable batch would make the host-to-device copy synchronous."""
     from torch.utils.data._utils.pin_memory import pin_memory
 
-    from saev.recording import Batch
+    from saev.record.job import Batch
 
     class Pinnable:
         def pin_memory(self):
@@ -485,9 +485,9 @@ def test_record_batches_are_pinned_by_the_data_loader():
 
 @pytest.mark.gpu
 def test_record_loop_pins_batches_and_enables_tf32(tmp_path, monkeypatch):
-    import saev.vit as vitlib
-    from saev import recording
-    from saev.record_config import RecordConfig
+    import saev.record.vit as vitlib
+    from saev.record import job as recording
+    from saev.record.config import RecordConfig
 
     seen = []
 

@@ -1,9 +1,9 @@
-"""saev.relu_l1: the fused ReLU + L1 Function equals relu and its L1 differentiated apart."""
+"""saev.nn.relu_l1: the fused ReLU + L1 Function equals relu and its L1 differentiated apart."""
 
 import pytest
 import torch
 
-from saev.relu_l1 import relu_l1
+from saev.nn.relu_l1 import relu_l1
 
 
 def reference(pre, w):

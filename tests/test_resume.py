@@ -12,9 +12,10 @@ import time
 
 import pytest
 import torch
-from test_train import ENV, ROOT, common, configs, run_api
+from helpers.train import ENV, ROOT, common, configs, run_api
 
-from saev import training
+from saev.train import job as training
+from saev.train import logs
 
 
 def rows(path: pathlib.Path) -> list[tuple[int, str]]:
@@ -76,5 +77,5 @@ def test_wandb_records_carry_the_trainer_step(shard_root, tmp_path, monkeypatch)
     training.train([configs(common(shard_root, tmp_path) + ["sae=relu", "sae.exp_factor=2"])])
     assert len(logged) > 3
     for data, step in logged:
-        assert step is None and isinstance(data[training.MetricsLog.STEP_KEY], int)
+        assert step is None and isinstance(data[logs.MetricsLog.STEP_KEY], int)
     assert os.environ.get("WANDB_MODE") == "offline"

@@ -1,11 +1,10 @@
-"""The sparse TopK-family step (saev.sparse) against dense references: forward values and every
+"""The sparse TopK-family step (saev.nn.sparse) against dense references: forward values and every
 gradient, AuxK, Matryoshka, BatchTopK's exact batch selection, and bf16 pre-activations."""
 
 import pytest
 import torch
 
-from saev import sparse
-from saev.nn import SAE, SAEConfig
+from saev.nn import SAE, SAEConfig, sparse
 
 D, S, B = 16, 64, 48
 KIND = {

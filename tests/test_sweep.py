@@ -18,7 +18,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
-from saev import summary, sweep, train_config, training
+from saev import cli
+from saev.train import config as train_config
+from saev.train import summary, sweep
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 ENV = {
@@ -158,7 +160,7 @@ def test_glob_over_kinds_like_the_basic_sweeper(composer):
     p = plan(composer, ["sae=glob(*topk*)", "sae.k=2"], parser=parser)
     assert [s.name for s in p.jobs[0].saes] == ["00-batchtopk", "01-topk"]
     # train.py's early check of kind names leaves sweep functions to Hydra.
-    training.check_sae_choices(["sae=glob(*topk*)", "sae=choice(relu,topk)"], ROOT / "conf")
+    cli.check_sae_choices(["sae=glob(*topk*)", "sae=choice(relu,topk)"], ROOT / "conf")
 
 
 def test_members_override_round_trips_through_hydra(composer):
@@ -197,7 +199,7 @@ def test_members_override_round_trips_through_hydra(composer):
 def test_bad_sweeps_name_the_key(composer, args, kw, message):
     with pytest.raises(Exception) as exc:
         plan(composer, args, **kw)
-    assert message in sweep.one_line(exc.value), sweep.one_line(exc.value)
+    assert message in cli.one_line(exc.value), cli.one_line(exc.value)
 
 
 def test_summary_rows_of_a_job_are_replaced_not_repeated(tmp_path):
@@ -270,7 +272,7 @@ def test_multirun_in_process_trains_each_group_in_one_job(shard_root, tmp_path):
     res = multirun([*common(shard_root, tmp_path), "data.seed=0,1", KIND_GRIDS])
     assert res.returncode == 0, res.stderr[-3000:]
     # The first job's threads (W&B's, tqdm's, its loaders' queues) ended with it: the second
-    # job forked its loader workers with no other thread running (saev.loaders warns if not).
+    # job forked its loader workers with no other thread running (saev.data.pipeline warns if not).
     assert "Forking loader workers while other threads run" not in res.stdout + res.stderr
     sweep_dir = sweep_dir_of(res)
     assert sweep_dir.parent == tmp_path / "multirun"

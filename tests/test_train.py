@@ -1,31 +1,30 @@
 """`python train.py` end to end on tiny synthetic shards, and the training job's Python API.
 
 Subprocess runs pay ~8 s of imports each, so one run trains every SAE kind through `sweep`.
-Other job-level checks call `saev.training` in-process with configs composed from the real conf/.
+Other job-level checks call `saev.train.job` in-process with configs composed from the real conf/.
 """
 
 import dataclasses
 import json
-import os
 import pathlib
 import subprocess
 import sys
 
 import pytest
-import safetensors.torch
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from helpers.train import ENV, ROOT, common, configs, run_api, weights
 
 import saev.nn
-from saev import synthetic, train_config, training
-from saev.data import DataConfig, ShardDataModule
-from saev.metrics import SAEMetrics
-from saev.module import SAEModule
+from saev import cli, synthetic
+from saev.data.config import DataConfig
+from saev.data.datamodule import ShardDataModule
+from saev.data.loaders import OrderedLoader
+from saev.train import config as train_config
+from saev.train import job as training
+from saev.train.metrics import SAEMetrics
+from saev.train.module import SAEModule
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 KINDS = ["relu", "topk", "batchtopk", "jumprelu", "matryoshka"]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1"}
 train_config.register()
 
 
@@ -36,19 +35,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
-
-
-def common(shard_root, runs_root) -> list[str]:
-    return [
-        f"data.shard_root={shard_root}", "data.layer=0", "data.batch_size=128",
-        "data.val_fraction=0.125", "data.buffer_mb=4", "data.n_workers=1", "n_train=7680",
-        f"runs_root={runs_root}", "lr=3e-3", "lr_warmup_steps=5", "log_every=10",
-    ]  # fmt: skip
-
-
-def configs(overrides: list[str]) -> train_config.TrainConfig:
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
-        return OmegaConf.to_object(compose("train", overrides=overrides))
 
 
 def recompute_val(sae_dir: pathlib.Path) -> dict:
@@ -82,7 +68,9 @@ def test_every_kind_trains_loads_and_matches_logged_metrics(shard_root, tmp_path
     run_dir = pathlib.Path(res.stdout.strip().splitlines()[-1])
     assert run_dir.parent == tmp_path
     dirs = sorted(p for p in run_dir.iterdir() if (p / "sae.safetensors").exists())
-    assert [d.name for d in dirs] == [f"{i:02d}-{k}" for i, k in enumerate(KINDS)] or len(dirs) == 5
+    # Named <index>-<kind>; a Matryoshka SAE's kind names its activation too.
+    kinds = [k if k != "matryoshka" else "matryoshka-batchtopk" for k in KINDS]
+    assert [d.name for d in dirs] == [f"{i:02d}-{k}" for i, k in enumerate(kinds)]
     for d in dirs:
         sae = saev.nn.load(d)
         logged = json.loads((d / "metrics.json").read_text())
@@ -107,16 +95,6 @@ def test_every_kind_trains_loads_and_matches_logged_metrics(shard_root, tmp_path
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == len(KINDS)
 
 
-def run_api(overrides: list[str], names=None) -> pathlib.Path:
-    cfg = configs(overrides + ["wandb.enabled=false"])
-    cfgs = [cfg] if names is None else [dataclasses.replace(cfg, name=n) for n in names]
-    return training.train(cfgs)
-
-
-def weights(path: pathlib.Path) -> dict:
-    return safetensors.torch.load_file(path / "sae.safetensors")
-
-
 def test_resume_from_last_checkpoint_is_exact(shard_root, tmp_path):
     base = common(shard_root, tmp_path) + ["sae=relu", "sae.exp_factor=2", "ckpt_every=5"]
     full = run_api(base + ["run_id=full"])
@@ -136,9 +114,9 @@ def test_resume_from_last_checkpoint_is_exact(shard_root, tmp_path):
 def test_read_paths_train_the_same_weights(shard_root, tmp_path, monkeypatch):
     """data.read=pread (the path for sets larger than memory) feeds the SAEs exactly what mmap
     does; the tiny examples are sent through the range copy that the two paths differ in."""
-    from saev import loaders
+    from saev.data import pipeline
 
-    monkeypatch.setattr(loaders, "SMALL_RUN_BYTES", 0)
+    monkeypatch.setattr(pipeline, "SMALL_RUN_BYTES", 0)
     base = common(shard_root, tmp_path) + ["sae=topk", "sae.exp_factor=2", "n_train=1920"]
     runs = {
         read: run_api(base + [f"data.read={read}", f"run_id={read}"]) for read in ("mmap", "pread")
@@ -210,7 +188,7 @@ def test_normalization_changes_what_the_sae_sees(shard_root, tmp_path):
     )
     a, b = saev.nn.load(plain), saev.nn.load(scaled)
     assert torch.equal(a.norm_mean, torch.zeros(16)) and a.norm_scale == 1.0
-    x = next(iter(saev.data.OrderedLoader(shard_root, 0, 512, n_workers=0, buffer_mb=1)))["act"]
+    x = next(iter(OrderedLoader(shard_root, 0, 512, n_workers=0, buffer_mb=1)))["act"]
     seen = b.normalize(x)
     # The synthetic offset (norm 3) is removed and the mean squared norm becomes d_model.
     assert x.mean(0).norm() > 2.5 and seen.mean(0).norm() < 0.3
@@ -242,7 +220,7 @@ def test_non_finite_loss_stops_naming_sae_and_step(shard_root, tmp_path, capsys)
     unbounded = dataclasses.replace(cfg.sae, normalize_decoder=False)
     bad = dataclasses.replace(cfg, name="bad", lr=1e5, sae=unbounded)
     with pytest.raises(SystemExit) as exc:
-        training.run_or_exit(lambda: training.train([ok, bad]))
+        cli.run_or_exit(lambda: training.train([ok, bad]), training.USER_ERRORS)
     assert exc.value.code == 2
     # The progress bar comes first on stderr; the error is the whole last line.
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -270,7 +248,7 @@ def test_non_finite_loss_stops_naming_sae_and_step(shard_root, tmp_path, capsys)
 def test_bad_input_fails_before_training(shard_root, tmp_path, capsys, override, message):
     overrides = common(shard_root, tmp_path) + ["sae=topk", "sae.exp_factor=2", override]
     with pytest.raises(SystemExit) as exc:
-        training.run_or_exit(lambda: training.train([configs(overrides)]))
+        cli.run_or_exit(lambda: training.train([configs(overrides)]), training.USER_ERRORS)
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and message in err, err
@@ -347,9 +325,9 @@ def test_compiled_step_matches_eager(shard_root, tmp_path):
 
 
 def test_unknown_sae_kind_on_the_command_line_is_one_line(capsys):
-    training.check_sae_choices(["sae=relu,topk", "lr=1"], ROOT / "conf")
+    cli.check_sae_choices(["sae=relu,topk", "lr=1"], ROOT / "conf")
     with pytest.raises(SystemExit):
-        training.check_sae_choices(["sae=relu,gelu"], ROOT / "conf")
+        cli.check_sae_choices(["sae=relu,gelu"], ROOT / "conf")
     err = capsys.readouterr().err
     assert err.startswith("error: unknown SAE kind sae=gelu; choose one of ['batchtopk',")
     assert err.count("\n") == 1

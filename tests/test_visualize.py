@@ -8,96 +8,29 @@ image folder); SAEs are crafted so that latents fire at varied, known rates.
 
 import csv
 import json
-import os
 import pathlib
 import re
 import shutil
-import subprocess
-import sys
 import types
 
 import numpy as np
 import pytest
 import torch
+from helpers.visualize import (
+    DEAD,
+    N_IMAGES,
+    N_TOKENS,
+    TWO_TOKENS,
+    D,
+    all_tokens,
+    crafted_sae,
+    last_line,
+    one_line_error,
+    run,
+)
 from PIL import Image
 
 from saev import nn
-from saev.data import OrderedLoader
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
-N_IMAGES, N_TOKENS, D = 24, 17, 64  # tiny ViT: CLS + 4x4 patches of 8 px, 64 wide
-TWO_TOKENS, DEAD = 1, 2  # crafted latents: fires on exactly two tokens; never fires
-
-
-def run(script, *args, cwd=ROOT):
-    cmd = [sys.executable, str(ROOT / script), *map(str, args)]
-    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=300)
-
-
-def last_line(res) -> pathlib.Path:
-    assert res.returncode == 0, res.stderr[-3000:]
-    return pathlib.Path(res.stdout.strip().splitlines()[-1])
-
-
-def one_line_error(res) -> str:
-    assert res.returncode == 2, (res.returncode, res.stderr[-3000:])
-    err = res.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: "), res.stderr
-    return err[0]
-
-
-@pytest.fixture(scope="module")
-def shard_root(tmp_path_factory) -> pathlib.Path:
-    work = tmp_path_factory.mktemp("record")
-    # 5 examples per shard file: the pass crosses files.
-    args = [f"data.n_images={N_IMAGES}", "max_patches_per_shard=85", "n_workers=0"]
-    return last_line(run("record.py", *args, f"dump_to={work}", cwd=work))
-
-
-def all_tokens(shard_root, tokens="all"):
-    batches = list(OrderedLoader(shard_root, -1, 100_000, tokens, n_workers=0))
-    cat = lambda k: torch.cat([b[k] for b in batches])  # noqa: E731
-    return cat("act"), cat("example_idx"), cat("token_idx")
-
-
-def crafted_sae(x_ND: torch.Tensor, d_sae=24) -> nn.SAE:
-    """ReLU SAE whose latents fire on varied fractions of the tokens; latent TWO_TOKENS on exactly
-    two tokens, latent DEAD on none."""
-    torch.manual_seed(0)
-    cfg = nn.SAEConfig(
-        activation="relu", d_model=D, d_sae=d_sae, sparsity_coeff=1e-3, sparsity_warmup_steps=0,
-        l1_decoder_norm=False,
-    )  # fmt: skip
-    sae = nn.SAE(cfg)
-    with torch.no_grad():
-        sae.W_enc.normal_()
-        proj_NS = x_ND @ sae.W_enc
-        q_S = torch.linspace(0.3, 0.995, d_sae)
-        sae.b_enc.copy_(-torch.quantile(proj_NS, q_S, dim=0).diagonal())
-        top3 = proj_NS[:, TWO_TOKENS].topk(3).values
-        sae.b_enc[TWO_TOKENS] = -(top3[1] + top3[2]) / 2
-        sae.b_enc[DEAD] = -proj_NS[:, DEAD].max() - 1.0
-    return sae
-
-
-@pytest.fixture(scope="module")
-def ckpt(shard_root, tmp_path_factory) -> pathlib.Path:
-    x_ND, _, _ = all_tokens(shard_root)
-    # The SAE says it was trained on all tokens (CLS included): the pass must default to that.
-    train = {"data": {"shard_root": str(shard_root), "layer": -1, "tokens": "all"}}
-    return crafted_sae(x_ND).save(tmp_path_factory.mktemp("sae") / "sae", {"train": train})
-
-
-@pytest.fixture(scope="module")
-def rendered(ckpt, tmp_path_factory):
-    """Every live latent drawn once, grayscale and opaque so the heatmap's brightest cell is its
-    largest activation."""
-    out = tmp_path_factory.mktemp("vis") / "out"
-    args = [f"ckpt={ckpt}", f"dump_to={out}", "top_k=6", "n_images=3", "n_latents=1000"]
-    args += ["heatmap.colormap=gray", "heatmap.opacity=1.0", "data.batch_size=50"]
-    assert last_line(run("visualize.py", *args)) == out
-    return out
 
 
 def read_latents(out):
@@ -116,11 +49,13 @@ def page_examples(out, latent) -> list[int]:
 
 
 @pytest.mark.slow
-def test_pass_equals_brute_force_and_metrics_equal_recomputation(shard_root, ckpt, rendered):
+def test_pass_equals_brute_force_and_metrics_equal_recomputation(
+    recorded_shards, crafted_ckpt, rendered
+):
     out = rendered
-    x_ND, ex_N, tok_N = all_tokens(shard_root)
+    x_ND, ex_N, tok_N = all_tokens(recorded_shards)
     assert len(x_ND) == N_IMAGES * N_TOKENS
-    sae = nn.load(ckpt)
+    sae = nn.load(crafted_ckpt)
     with torch.no_grad():
         f_NS = sae.encode(x_ND)
         x_hat_ND = sae.decode(f_NS)
@@ -166,16 +101,16 @@ def test_pass_equals_brute_force_and_metrics_equal_recomputation(shard_root, ckp
 
 
 @pytest.mark.slow
-def test_render_heatmaps_and_crops(shard_root, rendered):
+def test_render_heatmaps_and_crops(recorded_shards, rendered):
     out, top = rendered, np.load(rendered / "cache" / "pass.npz")
     live = [s for s in range(24) if top["example_idx_SK"][s, 0] >= 0]
     assert table_ids(out) == sorted(live, key=lambda s: -read_latents(out)["freq"][s])
     assert DEAD not in table_ids(out)
-    from saev import vit
-    from saev.record_config import ModelConfig
+    from saev.record import vit
+    from saev.record.config import ModelConfig
 
     transform = vit.load(ModelConfig()).transform  # the recording's model and transform
-    from saev.images import SyntheticDataset
+    from saev.record.images import SyntheticDataset
 
     for s in live:
         # Its images: the distinct examples of its top tokens, by best token, at most n_images.
@@ -199,7 +134,9 @@ def test_render_heatmaps_and_crops(shard_root, rendered):
 
 
 @pytest.mark.slow
-def test_filters_rerender_from_cache_without_activations(shard_root, ckpt, rendered, tmp_path):
+def test_filters_rerender_from_cache_without_activations(
+    recorded_shards, crafted_ckpt, rendered, tmp_path
+):
     out = tmp_path / "out"
     shutil.copytree(rendered, out)
     stats = read_latents(out)
@@ -212,11 +149,11 @@ def test_filters_rerender_from_cache_without_activations(shard_root, ckpt, rende
     inside = [s for s in live if lo_f <= lf_S[s] <= hi_f and lo_v <= lv_S[s] <= hi_v]
     assert 4 <= len(inside) < len(live)
     # Without the activation files a pass is impossible: anything that read them would fail.
-    acts = sorted(shard_root.glob("acts*.bin"))
+    acts = sorted(recorded_shards.glob("acts*.bin"))
     for p in acts:
         p.rename(p.with_name("moved-" + p.name))
     try:
-        base = [f"ckpt={ckpt}", f"dump_to={out}", "top_k=6", "n_images=2"]
+        base = [f"ckpt={crafted_ckpt}", f"out={out}", "top_k=6", "n_images=2"]
         ranges = [f"log_freq_range=[{lo_f},{hi_f}]", f"log_value_range=[{lo_v},{hi_v}]"]
         by_value = base + ranges + ["sort=value", "n_latents=3", f"include_latents=[{DEAD}]"]
         assert last_line(run("visualize.py", *by_value, "heatmap.colormap=viridis")) == out
@@ -252,20 +189,20 @@ def test_filters_rerender_from_cache_without_activations(shard_root, ckpt, rende
     for k, v in want.items():
         assert metrics[k] == (pytest.approx(v, rel=1e-6) if isinstance(v, float) else v), k
     fresh = tmp_path / "eval"
-    last_line(run("visualize.py", f"ckpt={ckpt}", f"dump_to={fresh}", "render=false"))
+    last_line(run("visualize.py", f"ckpt={crafted_ckpt}", f"out={fresh}", "render=false"))
     assert sorted(p.name for p in fresh.iterdir()) == ["cache", "latents.csv", "metrics.json"]
 
 
 @pytest.mark.slow
-def test_cls_tokens_show_plain_images_and_patch_labels(shard_root, ckpt, tmp_path):
+def test_cls_tokens_show_plain_images_and_patch_labels(recorded_shards, crafted_ckpt, tmp_path):
     # A copy of the shards with per-patch labels (as ADE20K recordings carry): label = 10 + patch.
     shards_copy = tmp_path / "shards"
-    shutil.copytree(shard_root, shards_copy)
+    shutil.copytree(recorded_shards, shards_copy)
     labels_NP = np.tile(np.arange(10, 26, dtype=np.uint8), (N_IMAGES, 1))
     labels_NP.tofile(shards_copy / "labels.bin")
     out = tmp_path / "out"
-    common = [f"ckpt={ckpt}", f"data.shard_root={shards_copy}", "top_k=6", "n_latents=1000"]
-    last_line(run("visualize.py", *common, f"dump_to={out}", "data.tokens=patches"))
+    common = [f"ckpt={crafted_ckpt}", f"data.shard_root={shards_copy}", "top_k=6", "n_latents=1000"]
+    last_line(run("visualize.py", *common, f"out={out}", "data.tokens=patches"))
     top = np.load(out / "cache" / "pass.npz")
     assert (top["token_idx_SK"][top["example_idx_SK"] >= 0] >= 1).all()  # patches only
     for s in table_ids(out):
@@ -278,7 +215,7 @@ def test_cls_tokens_show_plain_images_and_patch_labels(shard_root, ckpt, tmp_pat
         assert {int(a): int(b) for a, b in shown} == counts
 
     cls_out = tmp_path / "cls"
-    last_line(run("visualize.py", *common, f"dump_to={cls_out}", "data.tokens=cls"))
+    last_line(run("visualize.py", *common, f"out={cls_out}", "data.tokens=cls"))
     top = np.load(cls_out / "cache" / "pass.npz")
     assert (top["token_idx_SK"][top["example_idx_SK"] >= 0] == 0).all()
     assert not any((cls_out / "heatmaps").rglob("*.png"))
@@ -290,7 +227,7 @@ def test_cls_tokens_show_plain_images_and_patch_labels(shard_root, ckpt, tmp_pat
 
 @pytest.mark.slow
 def test_image_folder_moved_and_missing_images(tmp_path):
-    from saev.images import SyntheticDataset
+    from saev.record.images import SyntheticDataset
 
     photos = tmp_path / "photos"
     for i in range(6):
@@ -301,12 +238,12 @@ def test_image_folder_moved_and_missing_images(tmp_path):
             f"dump_to={tmp_path / 'shards'}", cwd=tmp_path)
     )  # fmt: skip
     x_ND, _, _ = all_tokens(shards_dir, "patches")
-    ckpt = crafted_sae(x_ND, d_sae=8).save(tmp_path / "sae")
+    crafted_ckpt = crafted_sae(x_ND, d_sae=8).save(tmp_path / "sae")
     moved = tmp_path / "moved"
     photos.rename(moved)
-    args = [f"ckpt={ckpt}", f"data.shard_root={shards_dir}", "data.layer=-1", "top_k=4"]
+    args = [f"ckpt={crafted_ckpt}", f"data.shard_root={shards_dir}", "data.layer=-1", "top_k=4"]
     err = one_line_error(run("visualize.py", *args))
-    out = last_line(run("visualize.py", *args, f"images.root={moved}"))
+    out = last_line(run("visualize.py", *args, f"data.root={moved}"))
     pages = lambda: list((out / "latents").glob("*.html"))  # noqa: E731
     shown = sorted({e for p in pages() for e in page_examples(out, p.stem)})
     assert sorted(int(p.stem) for p in (out / "images").glob("*.png")) == shown
@@ -314,10 +251,10 @@ def test_image_folder_moved_and_missing_images(tmp_path):
     records = [json.loads(x) for x in (shards_dir / "examples.jsonl").read_text().splitlines()]
     # The error names the first image it looked for, where metadata.json said it would be.
     assert f"image {photos / records[shown[0]]['path']} (example {shown[0]})" in err
-    assert "images.root=" in err
+    assert "data.root=" in err
     # Non-square photos (40x48): resized on the short side and center-cropped as the model did.
-    from saev import vit
-    from saev.record_config import ModelConfig
+    from saev.record import vit
+    from saev.record.config import ModelConfig
 
     transform = vit.load(ModelConfig()).transform
     seen = transform(Image.open(moved / records[shown[0]]["path"]).convert("RGB"))
@@ -327,7 +264,7 @@ def test_image_folder_moved_and_missing_images(tmp_path):
     shutil.rmtree(out / "images")
     victim = shown[1]
     (moved / records[victim]["path"]).unlink()
-    res = run("visualize.py", *args, f"images.root={moved}", "skip_missing_images=true")
+    res = run("visualize.py", *args, f"data.root={moved}", "skip_missing_images=true")
     assert last_line(res) == out and "skipped 1 missing images" in res.stdout
     kept = sorted(int(p.stem) for p in (out / "images").glob("*.png"))
     assert kept == [e for e in shown if e != victim]
@@ -384,8 +321,8 @@ def test_sweep_pareto(tmp_path):
 def test_wandb_runs_map_to_points(tmp_path, monkeypatch):
     """The W&B path on stubbed runs (the real API needs the network): what training logs (`val/l0`,
     `val/nmse`, TrainConfig as config) becomes the same points and CSV as local files."""
-    from saev import pareto
-    from saev.visualize_config import VisualizeConfig, WandbSource
+    from saev.visualize import pareto
+    from saev.visualize.config import VisualizeConfig, WandbSource
 
     def stub(name, summary, config):
         return types.SimpleNamespace(name=name, summary=summary, config=config)
@@ -400,7 +337,7 @@ def test_wandb_runs_map_to_points(tmp_path, monkeypatch):
     ]  # fmt: skip
     asked = []
     monkeypatch.setattr(pareto, "wandb_runs", lambda p, e: asked.append((p, e)) or runs)
-    cfg = VisualizeConfig(dump_to=str(tmp_path), wandb=WandbSource(project="saev", entity="me"))
+    cfg = VisualizeConfig(out=str(tmp_path), wandb=WandbSource(project="saev", entity="me"))
     assert pareto.main(cfg) == tmp_path and asked == [("saev", "me")]
     with open(tmp_path / "pareto.csv") as fd:
         rows = {r["name"]: r for r in csv.DictReader(fd)}
@@ -423,9 +360,9 @@ def test_wandb_runs_map_to_points(tmp_path, monkeypatch):
 
 
 def test_crop_steps_are_the_models_transform():
-    from saev import crops, vit
-    from saev.images import SyntheticDataset
-    from saev.record_config import ModelConfig
+    from saev.record import crops, vit
+    from saev.record.config import ModelConfig
+    from saev.record.images import SyntheticDataset
 
     transform = vit.load(ModelConfig()).transform
     steps = crops.describe(transform)
@@ -453,12 +390,12 @@ def test_metadata_without_transform_reads_and_writes_as_before():
 
 
 @pytest.mark.slow
-def test_bad_ckpt_and_bad_settings_are_one_line(tmp_path, ckpt):
+def test_bad_ckpt_and_bad_settings_are_one_line(tmp_path, crafted_ckpt):
     err = one_line_error(run("visualize.py", f"ckpt={tmp_path / 'nothing'}"))
     assert "config.json" in err
-    err = one_line_error(run("visualize.py", f"ckpt={ckpt}", "sort=size"))
+    err = one_line_error(run("visualize.py", f"ckpt={crafted_ckpt}", "sort=size"))
     assert "sort=" in err
-    err = one_line_error(run("visualize.py", f"ckpt={ckpt}", f"sweep={tmp_path}"))
+    err = one_line_error(run("visualize.py", f"ckpt={crafted_ckpt}", f"sweep={tmp_path}"))
     assert "ckpt=" in err
     err = one_line_error(run("visualize.py", f"sweep={tmp_path}"))
     assert "no SAE" in err
@@ -466,7 +403,7 @@ def test_bad_ckpt_and_bad_settings_are_one_line(tmp_path, ckpt):
 
 @pytest.mark.gpu
 def test_pass_on_cuda_equals_cpu():
-    from saev import visuals
+    from saev.visualize import statistics as visuals
 
     torch.manual_seed(0)
     sae = crafted_sae(torch.randn(500, D), d_sae=48)
@@ -485,12 +422,12 @@ def test_pass_on_cuda_equals_cpu():
 
 
 @pytest.mark.slow
-def test_trained_sweep_visualize_and_pareto(shard_root, tmp_path):
+def test_trained_sweep_visualize_and_pareto(recorded_shards, tmp_path):
     """Real train.py output: visualize finds shards, layer and tokens in config.json, writes to
     <ckpt>/visuals, and the sweep plot links that SAE's browser."""
     runs = tmp_path / "runs"
     args = [
-        f"data.shard_root={shard_root}", "data.layer=-1", "data.batch_size=64",
+        f"data.shard_root={recorded_shards}", "data.layer=-1", "data.batch_size=64",
         "data.val_fraction=0.125", "data.buffer_mb=4", "data.n_workers=0", "n_train=320",
         f"runs_root={runs}", "sae=topk", "sae.exp_factor=2", "lr_warmup_steps=1", "log_every=1",
         "wandb.enabled=false", "sweep={sae.k: [4, 16]}",
@@ -503,7 +440,7 @@ def test_trained_sweep_visualize_and_pareto(shard_root, tmp_path):
     assert out == saes[0] / "visuals"
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["shard_root"], metrics["layer"], metrics["tokens"]) == (
-        str(shard_root), -1, "patches",
+        str(recorded_shards), -1, "patches",
     )  # fmt: skip
     assert metrics["n_tokens"] == N_IMAGES * (N_TOKENS - 1) and len(table_ids(out)) == 5
     assert last_line(run("visualize.py", f"sweep={runs}")) == runs

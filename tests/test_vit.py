@@ -4,8 +4,8 @@ import pytest
 import timm
 import torch
 
-from saev import vit as vitlib
-from saev.record_config import ModelConfig
+from saev.record import vit as vitlib
+from saev.record.config import ModelConfig
 
 
 @pytest.fixture(scope="module")

@@ -65,7 +65,8 @@ class GroupingSweeper(Sweeper):
     def sweep(self, arguments: list[str]) -> Any:
         from hydra.core.override_parser.overrides_parser import OverridesParser
 
-        from saev import summary, sweep, training
+        from saev import cli
+        from saev.train import summary, sweep
 
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         try:
@@ -74,7 +75,7 @@ class GroupingSweeper(Sweeper):
                 max_saes_per_job=self.max_saes_per_job, parser=parser,
             )  # fmt: skip
         except Exception as err:  # Hydra's and OmegaConf's errors too: all are the user's input
-            training._fail(ValueError(sweep.one_line(err)))
+            cli.fail(cli.one_line(err))
         sweep_dir = pathlib.Path(str(self.config.hydra.sweep.dir)).absolute()
         sweep_dir.mkdir(parents=True, exist_ok=True)
         OmegaConf.save(self.config, sweep_dir / "multirun.yaml")
@@ -121,7 +122,7 @@ def failure(outcome) -> str | None:
     """Why a job failed (one line), or None when it completed."""
     from hydra.core.utils import JobStatus
 
-    from saev.sweep import one_line
+    from saev.cli import one_line
 
     if isinstance(outcome, BaseException):
         return one_line(outcome)

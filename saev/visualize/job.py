@@ -1,0 +1,99 @@
+"""`python visualize.py`: evaluate a checkpoint and build its latent browser (`ckpt=`), or plot a
+sweep (`sweep=`, `wandb.project=`).
+
+What the pass reads (`PassInputs`) is resolved and checked before torch loads, so that a wrong
+path is reported at once; the pass itself (`saev.visualize.statistics`) runs only on a cache miss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import pathlib
+
+from saev import shards
+from saev.nn.config import CONFIG_NAME, WEIGHTS_NAME
+from saev.visualize.config import VisualizeConfig
+
+logger = logging.getLogger(__name__)
+CACHE_VERSION = 1
+"""Part of every pass's cache key: raise it when the cache's content changes meaning."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PassInputs:
+    """What a pass reads: resolved from the command line, else from the SAE's config.json."""
+
+    ckpt: pathlib.Path
+    shard_root: pathlib.Path
+    layer: int
+    tokens: str
+
+    @classmethod
+    def resolve(cls, cfg: VisualizeConfig) -> PassInputs:
+        ckpt = pathlib.Path(cfg.ckpt).absolute()
+        if not (ckpt / CONFIG_NAME).is_file() or not (ckpt / WEIGHTS_NAME).is_file():
+            raise FileNotFoundError(
+                f"{ckpt} lacks {CONFIG_NAME} or {WEIGHTS_NAME}; is it an SAE directory?"
+            )
+        trained = json.loads((ckpt / CONFIG_NAME).read_text()).get("train", {}).get("data", {})
+        shard_root = cfg.data.shard_root or trained.get("shard_root")
+        layer = cfg.data.layer if cfg.data.layer is not None else trained.get("layer")
+        if shard_root is None or layer is None:
+            raise ValueError(
+                f"{ckpt} does not say which shards it was trained on; set data.shard_root, "
+                "data.layer."
+            )
+        # The tokens the SAE was trained on: its latents mean something only there.
+        tokens = cfg.data.tokens or trained.get("tokens") or "patches"
+        return cls(ckpt, pathlib.Path(shard_root).absolute(), int(layer), tokens)
+
+    def key(self, top_k: int) -> dict:
+        """Identity of a pass; reading it touches no activations (only small JSON files)."""
+        with open(self.ckpt / WEIGHTS_NAME, "rb") as fd:
+            weights = hashlib.file_digest(fd, "sha256").hexdigest()
+        return {
+            "version": CACHE_VERSION,
+            "weights_sha256": weights,
+            "shards_sha256": shards.fingerprint(self.shard_root),
+            "layer": self.layer,
+            "tokens": self.tokens,
+            "top_k": top_k,
+        }
+
+
+def main(cfg: VisualizeConfig) -> pathlib.Path:
+    """Entry point of `visualize.py`; returns the output directory."""
+    from saev import cli
+
+    cli.quiet()
+    if cfg.ckpt is None:
+        from saev.visualize import pareto
+
+        return pareto.main(cfg)
+    src = PassInputs.resolve(cfg)
+    out_dir = pathlib.Path(cfg.out) if cfg.out else src.ckpt / "visuals"
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create out={out_dir} ({err.strerror}).") from None
+    key = src.key(cfg.top_k)
+    # Deferred: torch takes seconds to import, and the checks above should not wait for it.
+    from saev import nn
+    from saev.visualize import statistics
+
+    device = statistics.device_of(cfg.device)
+    sae = nn.load(src.ckpt, device)
+    summary = None if cfg.force else statistics.load_cached(out_dir, key)
+    if summary is None:
+        summary, metrics = statistics.run_pass(src, cfg, sae, device)
+        statistics.save(out_dir, key, summary, metrics, src)
+    else:
+        logger.info("pass cached in %s (force=true recomputes it)", statistics.cache_dir(out_dir))
+    if cfg.render:
+        from saev.visualize import render
+
+        render.render(cfg, src, summary, sae, device, out_dir)
+    return out_dir
