@@ -68,6 +68,10 @@ class SAEConfig:
     matryoshka: list[float] = dataclasses.field(default_factory=list)
     """Nested prefixes as fractions of d_sae, increasing, each below 1; every prefix (and the whole
     dictionary) reconstructs the input (Bussmann et al. 2025). Empty: ordinary objective."""
+    matryoshka_weights: str = "size"
+    """How the prefix losses are weighted: "size", each by its share of the summed prefix sizes
+    (the whole dictionary weighs most); "equal", their mean (Bussmann et al. 2025). With equal
+    weights the small prefixes' coarse latents take the features of flat data (docs/training.md)."""
     dead_after_tokens: int = 10_000_000
     """A latent that has not fired in this many tokens is dead (Gao et al. 2024, sec. A.2)."""
     sparsity_coeff: float | None = None
@@ -84,6 +88,10 @@ class SAEConfig:
     """AuxK loss weight (Gao et al. 2024: 1/32)."""
     threshold_momentum: float | None = None
     """batchtopk: EMA momentum of the inference threshold (Bussmann et al. 2024)."""
+    topk_warmup_steps: int = 0
+    """batchtopk: training steps that select each example's k largest (TopK) before the batch's
+    k*B largest: from a random dictionary, batch selection lets latents fall below the batch's
+    threshold for good in the first few hundred steps (docs/training.md). 0: none."""
     bandwidth: float | None = None
     """jumprelu: width of the rectangle kernel of the straight-through estimator (paper: 0.001)."""
     init_threshold: float | None = None
@@ -128,6 +136,10 @@ class SAEConfig:
         for name, value in nonneg.items():
             if value is not None and value < 0:
                 raise ValueError(f"sae.{name} must be non-negative, got {value}.")
+        if self.topk_warmup_steps < 0 or (
+            self.topk_warmup_steps and self.activation != "batchtopk"
+        ):
+            raise ValueError("sae.topk_warmup_steps must be >= 0 and applies only to batchtopk.")
         if self.dead_after_tokens <= 0 or self.dec_init_norm <= 0:
             raise ValueError("sae.dead_after_tokens and sae.dec_init_norm must be positive.")
         if self.normalize_decoder and self.dec_init_norm != 1.0:
@@ -146,6 +158,8 @@ class SAEConfig:
         for name in ("bandwidth", "init_threshold"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"sae.{name} must be positive.")
+        if self.matryoshka_weights not in ("size", "equal"):
+            raise ValueError("sae.matryoshka_weights must be size|equal.")
         fracs = self.matryoshka
         if any(not 0 < f < 1 for f in fracs) or any(a >= b for a, b in zip(fracs, fracs[1:])):
             raise ValueError(f"sae.matryoshka must be increasing fractions in (0, 1), got {fracs}.")
@@ -173,6 +187,14 @@ class SAEConfig:
         return [int(round(f * self.d_sae)) for f in self.matryoshka] + [self.d_sae]
 
     @property
+    def prefix_weights(self) -> list[float]:
+        """Weight of each prefix's loss (`matryoshka_weights`), summing to 1."""
+        sizes = self.prefix_sizes
+        if self.matryoshka_weights == "equal":
+            return [1 / len(sizes)] * len(sizes)
+        return [n / sum(sizes) for n in sizes]
+
+    @property
     def kind(self) -> str:
         return f"matryoshka-{self.activation}" if self.matryoshka else self.activation
 
@@ -187,8 +209,8 @@ class Output(typing.NamedTuple):
     loss: Tensor
     """Total training loss: mse + sparsity + aux (scalar)."""
     mse: Tensor
-    """Squared error summed over D and averaged over the batch, in normalized space, averaged
-    over Matryoshka prefixes (scalar)."""
+    """Squared error summed over D and averaged over the batch, in normalized space, weighted
+    over Matryoshka prefixes (`SAEConfig.prefix_weights`; scalar)."""
     sparsity: Tensor
     """Sparsity penalty including its (warmed-up) coefficient; zero for the TopK family (scalar)."""
     aux: Tensor
@@ -244,6 +266,10 @@ class SAE(nn.Module):
         if cfg.activation == "batchtopk":
             # NaN until the first training batch sets it; inference falls back to ReLU meanwhile.
             self.register_buffer("threshold", torch.tensor(float("nan")))
+        if cfg.topk_warmup_steps:
+            self.register_buffer("steps_trained", torch.zeros((), dtype=torch.long))
+        self._warm = not cfg.topk_warmup_steps
+        """Past the TopK warm-up (a host-side copy, so the check costs no sync once true)."""
 
     # -- normalization -------------------------------------------------------------------------
     def set_norm(self, mean_D: Tensor, scale: float) -> None:
@@ -280,11 +306,23 @@ class SAE(nn.Module):
             thr = torch.nan_to_num(self.threshold, nan=0.0)
             return torch.where(pre_BS > thr, pre_BS, torch.zeros_like(pre_BS))
         # Training: keep the k*B largest activations of the whole batch (Bussmann et al. 2024).
-        vals_N, rows_N, cols_N = sparse.topk_batch(
-            pre_BS, self._n_keep(len(pre_BS)), 2 * self.cfg.k
-        )
+        if self.per_example_selection():
+            vals_N, rows_N, cols_N = sparse.topk_rows(pre_BS, self.cfg.k)
+        else:
+            vals_N, rows_N, cols_N = sparse.topk_batch(
+                pre_BS, self._n_keep(len(pre_BS)), 2 * self.cfg.k
+            )
         self._update_threshold(vals_N)
         return Latents(tuple(pre_BS.shape), vals_N.clamp_min(0), rows_N, cols_N).dense()
+
+    def per_example_selection(self) -> bool:
+        """Whether this training step selects each example's k largest: TopK, and BatchTopK
+        during its `topk_warmup_steps` (one host sync per step until the warm-up ends)."""
+        if self.cfg.activation == "topk":
+            return True
+        if not self._warm:
+            self._warm = int(self.steps_trained) >= self.cfg.topk_warmup_steps
+        return not self._warm
 
     def _n_keep(self, B: int) -> int:
         return min(self.cfg.k * B, B * self.cfg.d_sae)
@@ -292,6 +330,8 @@ class SAE(nn.Module):
     @torch.no_grad()
     def _update_threshold(self, vals_N: Tensor) -> None:
         """The inference threshold: EMA of the smallest kept positive activation per batch."""
+        if self.cfg.topk_warmup_steps:
+            self.steps_trained += 1
         kept = torch.where(vals_N > 0, vals_N, torch.full_like(vals_N, float("inf")))
         smallest = kept.min().float()
         m, old = self.cfg.threshold_momentum, self.threshold
@@ -348,11 +388,12 @@ class SAE(nn.Module):
         """The TopK family's selection from [B, S] pre-activations: the kept entries, then (if
         `dead_M`) AuxK's entries among the dead latents."""
         cfg = self.cfg
+        per_example = self.per_example_selection()
 
         def select(pre_BS: Tensor) -> list:
             # AuxK first: BatchTopK then clamps pre_BS in place (its caller drops it after this).
             aux = [] if dead_M is None else [sparse.topk_among(pre_BS, dead_M, cfg.aux_k)]
-            if cfg.activation == "topk":
+            if per_example:
                 return [sparse.topk_rows(pre_BS, cfg.k), *aux]
             # Rows of a batch share k*B slots: 2k candidates per row, rarer rows taken whole.
             return [sparse.topk_batch(pre_BS, self._n_keep(B), 2 * cfg.k, inplace=True), *aux]
@@ -420,20 +461,20 @@ class SAE(nn.Module):
 
     def _matryoshka_mse(self, x_BD: Tensor, latents: Latents) -> tuple[Tensor, Tensor]:
         """Each nested prefix of the dictionary reconstructs the input on its own (Bussmann et al.
-        2025); the prefix losses are averaged so lr and coefficients keep their scale."""
+        2025); the prefix losses' weights sum to 1 so lr and coefficients keep their scale."""
         x_hat_BD = self.b_dec.expand_as(x_BD)
         total, start = 0.0, 0
         sizes = self.cfg.prefix_sizes
-        for end in sizes:
+        for end, weight in zip(sizes, self.cfg.prefix_weights):
             if latents.is_sparse:
                 cols_N = latents.cols_N
                 part_N = latents.vals_N * ((cols_N >= start) & (cols_N < end))
                 x_hat_BD = x_hat_BD + self._decode_norm(latents, part_N)
             else:
                 x_hat_BD = x_hat_BD + latents.dense()[:, start:end] @ self.W_dec[start:end]
-            total = total + _sq_error(x_hat_BD, x_BD)
+            total = total + weight * _sq_error(x_hat_BD, x_BD)
             start = end
-        return x_hat_BD, total / len(sizes)
+        return x_hat_BD, total
 
     def _auxk(self, e_BD: Tensor, aux: Latents, n_dead: int) -> Tensor:
         """AuxK: the top-k_aux dead latents reconstruct the main residual (Gao et al. 2024, sec.
