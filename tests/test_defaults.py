@@ -81,10 +81,11 @@ def test_batchtopk_and_matryoshka_defaults_recover_a_superposed_dictionary():
     x0_ND = synthetic.sample(syn, 8192, gen)
     mean_D = x0_ND.mean(0)
     scale = (32 / (x0_ND - mean_D).pow(2).sum(-1).mean()).sqrt().item()  # data.scale_norm
+    DATA = ["data.shard_root=unused", "data.layer=0"]  # only the SAE settings are read
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base=None):
         saes = {}
         for kind in ("batchtopk", "matryoshka"):
-            cfg = compose("train", overrides=[f"sae={kind}", "sae.k=4", "sae.d_sae=512"])
+            cfg = compose("train", overrides=[*DATA, f"sae={kind}", "sae.k=4", "sae.d_sae=512"])
             sae_cfg = OmegaConf.to_object(cfg).sae.resolve(32)
             saes[kind] = SAE(sae_cfg)
             saes[kind].set_norm(mean_D, scale)
