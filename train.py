@@ -1,8 +1,8 @@
 """Train SAEs on recorded activations: `python train.py data.shard_root=... data.layer=...`.
 
-Settings: `python train.py --help`. The last line printed is the run directory. `python train.py -m ...`
-sweeps (docs/sweeps.md): one job per group of SAEs that can share the data stream; the last line
-printed is the sweep directory.
+Settings: `python train.py --help`. The last line printed is the run directory.
+`python train.py -m ...` sweeps (docs/sweeps.md): one job per group of SAEs that can share the
+data stream; the last line printed is the sweep directory.
 """
 
 import pathlib

@@ -6,17 +6,21 @@ real training path (loader, LightningModule, checkpoints), loads each checkpoint
 0.9 and the mean best cosine.
 
     python benchmarks/recovery.py --defaults  # conf/ as shipped but k/sparsity and width; ~1 min
+    python benchmarks/recovery.py --family    # --defaults on each case of FAMILY; worst, median
     python benchmarks/recovery.py             # settings tuned to the data (lr, AuxK, bandwidth)
 
 Target of --defaults (issue 10): every kind recovers >= 90% in this short budget (768k tokens).
+Target of --family (issue 19): TopK and BatchTopK >= 90% at their worst case, Matryoshka >= 80%.
 """
 
 import argparse
 import dataclasses
 import os
 import pathlib
+import statistics
 import tempfile
 import time
+import typing
 
 import torch
 
@@ -29,6 +33,36 @@ from saev.train import job as training
 from saev.train.config import TrainConfig, WandbConfig
 
 AUX = dict(aux_k=512, aux_coeff=1 / 32)
+
+
+class Case(typing.NamedTuple):
+    """One flat ground-truth dictionary of the defaults family (uniform feature frequencies)."""
+
+    seed: int
+    d_model: int
+    n_features: int
+    active: int
+    """True features per token; also the TopK family's k."""
+    d_sae: int
+    noise: float
+    tokens: int
+
+
+# Spans 2-8x more features than d_model, widths of 1-4x the features, k 3-16, noise 0.01-0.1 and
+# 1-3M tokens. d_model stops at 128: a d_model 256 case (512 features and latents, 1M tokens)
+# costs about as much as the other eight together on the 2-core development CPU.
+FAMILY = [
+    Case(seed=0, d_model=32, n_features=128, active=3, d_sae=256, noise=0.01, tokens=1_000_000),
+    Case(seed=1, d_model=32, n_features=256, active=4, d_sae=512, noise=0.01, tokens=1_000_000),
+    Case(seed=2, d_model=64, n_features=256, active=8, d_sae=256, noise=0.01, tokens=1_000_000),
+    Case(seed=3, d_model=64, n_features=128, active=8, d_sae=512, noise=0.02, tokens=1_000_000),
+    Case(seed=4, d_model=128, n_features=256, active=16, d_sae=256, noise=0.01, tokens=1_000_000),
+    Case(seed=5, d_model=48, n_features=192, active=6, d_sae=384, noise=0.05, tokens=2_000_000),
+    Case(seed=6, d_model=32, n_features=96, active=3, d_sae=96, noise=0.1, tokens=3_000_000),
+    Case(seed=7, d_model=96, n_features=288, active=12, d_sae=288, noise=0.01, tokens=1_000_000),
+    Case(seed=8, d_model=256, n_features=512, active=8, d_sae=1024, noise=0.01, tokens=1_000_000),
+]
+PATCHES = 64  # tokens per synthetic example
 
 
 def kinds(k: int, l1: float, l0: float) -> dict[str, SAEConfig]:
@@ -154,6 +188,11 @@ def parse_args() -> argparse.Namespace:
         "--defaults", action="store_true",
         help="conf/ as shipped, only width and k or sparsity set; target: every kind >= 90%%",
     )  # fmt: skip
+    p.add_argument(
+        "--family", action="store_true",
+        help="--defaults on every case of FAMILY; each kind's worst and median recovery",
+    )  # fmt: skip
+    p.add_argument("--cases", type=int, nargs="+", default=list(range(len(FAMILY))))
     p.add_argument("--dead-after", type=int, default=200_000, help="tokens without firing (AuxK)")
     p.add_argument("--n-examples", type=int, default=2048)
     p.add_argument("--seed", type=int, default=0)
@@ -163,9 +202,40 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def run_family(args) -> None:
+    """Every case of FAMILY (or those in --cases) with conf/'s defaults; a row per case as it
+    finishes, then each kind's worst and median recovery."""
+    rows = []
+    for i in args.cases:
+        case = FAMILY[i]
+        case_args = argparse.Namespace(**{
+            **vars(args), **case._asdict(), "defaults": True,
+            "steps": case.tokens // args.batch, "n_examples": -(-case.tokens // PATCHES),
+        })  # fmt: skip
+        torch.manual_seed(case.seed)
+        got = run(case_args)
+        rows.append((i, case, {name: r["recovered"] for name, r in got.items()}))
+        print(f"case {i} {case}: " + " ".join(f"{n}={v:.1%}" for n, v in rows[-1][2].items()))
+    print(f"{'case':<5} {'seed':>4} {'d_model':>7} {'features':>8} {'k':>3} {'d_sae':>5} "
+          f"{'noise':>5} {'tokens':>7} " + " ".join(f"{n:>10}" for n in args.kinds))  # fmt: skip
+    for i, c, got in rows:
+        print(
+            f"{i:<5} {c.seed:>4} {c.d_model:>7} {c.n_features:>8} {c.active:>3} {c.d_sae:>5} "
+            f"{c.noise:>5} {c.tokens / 1e6:>6.1f}M "
+            + " ".join(f"{got[n]:>10.1%}" for n in args.kinds)
+        )
+    for name in args.kinds:
+        vals = sorted(got[name] for _, _, got in rows)
+        worst = min(range(len(rows)), key=lambda j: rows[j][2][name])
+        median = statistics.median(vals)
+        print(f"{name:<12} worst {vals[0]:.1%} (case {rows[worst][0]}) median {median:.1%}")
+
+
 def main() -> None:
     args = parse_args()
     torch.manual_seed(args.seed)
+    if args.family:
+        return run_family(args)
     results = run(args)
     print(f"{'kind':<12} {'recovered (cos>0.9)':>20} {'mean best cos':>14} {'lr':>9}")
     for name, r in results.items():

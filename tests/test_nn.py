@@ -102,6 +102,20 @@ def test_batchtopk_trains_on_batch_budget_and_infers_per_example():
     assert not torch.allclose(before, sae.threshold)
 
 
+def test_batchtopk_topk_warmup_selects_per_example_first():
+    sae = make("batchtopk", topk_warmup_steps=2)
+    x = torch.randn(64, D, generator=torch.Generator().manual_seed(4))
+    for _ in range(2):  # the warm-up: k latents of every example, as TopK
+        assert torch.equal((sae(x).f_x > 0).sum(-1), torch.full((64,), 4))
+    f = sae(x).f_x  # then the batch's k*B largest
+    assert (f > 0).sum() <= 4 * 64 and (f > 0).sum(-1).max() > 4
+    assert int(sae.steps_trained) == 3 and torch.isfinite(sae.threshold)
+    # The warm-up's step count is saved, so a resumed run does not warm up again.
+    again = make("batchtopk", topk_warmup_steps=2)
+    again.load_state_dict(sae.state_dict())
+    assert (again(x).f_x > 0).sum(-1).max() > 4
+
+
 def test_batchtopk_threshold_momentum_changes_inference():
     x = data()
     a = train(make("batchtopk", threshold_momentum=0.5), x, steps=10).eval()
@@ -192,8 +206,11 @@ def test_matryoshka_prefix_losses():
     x = data()[:32]
     out = sae(x)
     f, W, b = out.f_x, sae.W_dec, sae.b_dec
-    expected = sum((f[:, :m] @ W[:m] + b - x).pow(2).sum(-1).mean() for m in (16, 32, 64)) / 3
-    assert torch.allclose(out.mse, expected)
+    # Each prefix's loss weighs by its size (the default), or all alike (Bussmann et al. 2025).
+    err = [(f[:, :m] @ W[:m] + b - x).pow(2).sum(-1).mean() for m in (16, 32, 64)]
+    assert torch.allclose(out.mse, sum(e * m / 112 for e, m in zip(err, (16, 32, 64))))
+    sae.cfg.matryoshka_weights = "equal"
+    assert torch.allclose(sae(x).mse, sum(err) / 3)
     assert torch.allclose(out.x_hat, f @ W + b)
     plain = train(make("topk"), data())
     nested = train(make("topk", matryoshka=[0.25, 0.5]), data())
@@ -263,6 +280,8 @@ def test_load_needs_neither_hydra_nor_lightning(tmp_path):
         (dict(activation="topk", aux_k=0, aux_coeff=0.0), "must be set"),
         (dict(l1_decoder_norm=True), "no effect"),
         (dict(matryoshka=[0.5, 0.25]), "increasing"),
+        (dict(matryoshka_weights="log"), "size|equal"),
+        (dict(topk_warmup_steps=10), "only to batchtopk"),
     ],
 )
 def test_config_errors(kw, message):

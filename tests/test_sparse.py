@@ -48,10 +48,12 @@ def dense_reference(sae: SAE, x_BD: torch.Tensor, dead_S: torch.Tensor | None):
         f_BS = torch.zeros_like(pos).scatter(0, i, v).view_as(pre_BS)
     if cfg.matryoshka:
         x_hat_BD, total, start = b_dec.expand_as(x_BD), 0.0, 0
-        for end in cfg.prefix_sizes:
+        sizes = cfg.prefix_sizes
+        for end in sizes:  # each prefix's loss weighs by its size (matryoshka_weights="size")
             x_hat_BD = x_hat_BD + f_BS[:, start:end] @ W_dec[start:end]
-            total, start = total + (x_hat_BD - x_BD).pow(2).sum(-1).mean(), end
-        mse = total / len(cfg.prefix_sizes)
+            err = (x_hat_BD - x_BD).pow(2).sum(-1).mean()
+            total, start = total + err * (end / sum(sizes)), end
+        mse = total
     else:
         x_hat_BD = f_BS @ W_dec + b_dec
         mse = (x_hat_BD - x_BD).pow(2).sum(-1).mean()

@@ -426,11 +426,16 @@ class Pipeline:
             try:
                 return self._results.get(timeout=1.0)
             except queue.Empty:
-                dead = [p.exitcode for p in self._procs if not p.is_alive()]
-                if dead:
-                    self.close()
-                    msg = f"a loader worker died (exit code {dead[0]})"
-                    raise RuntimeError(f"{msg}; out of memory? lower buffer_mb.") from None
+                self._check_alive()
+
+    def _check_alive(self) -> None:
+        """Stop with an error once a worker has died (the OOM killer, most likely), even when
+        the main process could finish the epoch alone by filling every slot itself (`_help`)."""
+        dead = [p.exitcode for p in self._procs if not p.is_alive()]
+        if dead:
+            self.close()
+            msg = f"a loader worker died (exit code {dead[0]})"
+            raise RuntimeError(f"{msg}; out of memory? lower buffer_mb.") from None
 
     def _drain(self) -> None:
         """Wait for fills of an abandoned epoch so that no worker still writes into a slot."""
@@ -474,6 +479,7 @@ class Pipeline:
                         raise RuntimeError(f"loader worker failed:\n{err}")
                     if g == gen:
                         ready[k] = result
+                self._check_alive()  # a waitpid per worker and slot
                 yield self.slots[j % self.n_slots], *pending.pop(j), ready.pop(j)
                 if self._gen != gen:
                     raise RuntimeError("abandoned iterator: a newer epoch started on this loader.")

@@ -29,6 +29,19 @@ KIND_FIELDS = {
 }
 
 
+DEAD_AFTER_TOKENS = 10_000_000
+"""Gao et al. 2024's dead window (sec. A.2), the most `dead_after` gives."""
+DEAD_AFTER_FRACTION = 20
+"""`dead_after(n_train)` is a 1/20 of the run: 50k of 1M tokens revived the latents that a
+1x-wide TopK dictionary had lost (docs/training.md, "BatchTopK and Matryoshka defaults")."""
+
+
+def dead_after(n_train: int) -> int:
+    """The default dead window of a run of `n_train` tokens: a twentieth of the run, at most
+    10M, so that AuxK has most of a short run to revive latents that died early."""
+    return max(1, min(DEAD_AFTER_TOKENS, n_train // DEAD_AFTER_FRACTION))
+
+
 @dataclasses.dataclass
 class SAEConfig:
     """Architecture and objective of one SAE. Kind-specific fields are None for other kinds."""
@@ -52,8 +65,14 @@ class SAEConfig:
     matryoshka: list[float] = dataclasses.field(default_factory=list)
     """Nested prefixes as fractions of d_sae, increasing, each below 1; every prefix (and the whole
     dictionary) reconstructs the input (Bussmann et al. 2025). Empty: ordinary objective."""
-    dead_after_tokens: int = 10_000_000
-    """A latent that has not fired in this many tokens is dead (Gao et al. 2024, sec. A.2)."""
+    matryoshka_weights: str = "size"
+    """How the prefix losses are weighted: "size", each by its share of the summed prefix sizes
+    (the whole dictionary weighs most); "equal", their mean (Bussmann et al. 2025). With equal
+    weights the small prefixes' coarse latents take the features of flat data (docs/training.md)."""
+    dead_after_tokens: int | None = None
+    """A latent that has not fired in this many tokens is dead, and AuxK trains it (Gao et al.
+    2024, sec. A.2: 10M, in runs of billions of tokens). None: `dead_after(n_train)`, a twentieth
+    of the run and at most 10M, resolved by the training job (recorded in job.json)."""
     sparsity_coeff: float | None = None
     """relu: L1 coefficient; jumprelu: L0 coefficient (Rajamanoharan et al. 2024)."""
     sparsity_warmup_steps: int | None = None
@@ -68,6 +87,10 @@ class SAEConfig:
     """AuxK loss weight (Gao et al. 2024: 1/32)."""
     threshold_momentum: float | None = None
     """batchtopk: EMA momentum of the inference threshold (Bussmann et al. 2024)."""
+    topk_warmup_steps: int = 0
+    """batchtopk: training steps that select each example's k largest (TopK) before the batch's
+    k*B largest: from a random dictionary, batch selection lets latents fall below the batch's
+    threshold for good in the first few hundred steps (docs/training.md). 0: none."""
     bandwidth: float | None = None
     """jumprelu: width of the rectangle kernel of the straight-through estimator (paper: 0.001)."""
     init_threshold: float | None = None
@@ -112,7 +135,13 @@ class SAEConfig:
         for name, value in nonneg.items():
             if value is not None and value < 0:
                 raise ValueError(f"sae.{name} must be non-negative, got {value}.")
-        if self.dead_after_tokens <= 0 or self.dec_init_norm <= 0:
+        if self.topk_warmup_steps < 0 or (
+            self.topk_warmup_steps and self.activation != "batchtopk"
+        ):
+            raise ValueError("sae.topk_warmup_steps must be >= 0 and applies only to batchtopk.")
+        if (self.dead_after_tokens is not None and self.dead_after_tokens <= 0) or (
+            self.dec_init_norm <= 0
+        ):
             raise ValueError("sae.dead_after_tokens and sae.dec_init_norm must be positive.")
         if self.normalize_decoder and self.dec_init_norm != 1.0:
             raise ValueError(
@@ -130,6 +159,8 @@ class SAEConfig:
         for name in ("bandwidth", "init_threshold"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"sae.{name} must be positive.")
+        if self.matryoshka_weights not in ("size", "equal"):
+            raise ValueError("sae.matryoshka_weights must be size|equal.")
         fracs = self.matryoshka
         if any(not 0 < f < 1 for f in fracs) or any(a >= b for a, b in zip(fracs, fracs[1:])):
             raise ValueError(f"sae.matryoshka must be increasing fractions in (0, 1), got {fracs}.")
@@ -152,9 +183,23 @@ class SAEConfig:
         return dataclasses.replace(self, d_model=d_model, d_sae=d_sae)
 
     @property
+    def dead_window(self) -> int:
+        """`dead_after_tokens`, or Gao et al.'s 10M where nothing resolved it (an SAE built outside
+        a training job)."""
+        return DEAD_AFTER_TOKENS if self.dead_after_tokens is None else self.dead_after_tokens
+
+    @property
     def prefix_sizes(self) -> list[int]:
         """Ends of the nested prefixes, the whole dictionary last."""
         return [int(round(f * self.d_sae)) for f in self.matryoshka] + [self.d_sae]
+
+    @property
+    def prefix_weights(self) -> list[float]:
+        """Weight of each prefix's loss (`matryoshka_weights`), summing to 1."""
+        sizes = self.prefix_sizes
+        if self.matryoshka_weights == "equal":
+            return [1 / len(sizes)] * len(sizes)
+        return [n / sum(sizes) for n in sizes]
 
     @property
     def kind(self) -> str:

@@ -36,8 +36,8 @@ class Output(typing.NamedTuple):
     loss: Tensor
     """Total training loss: mse + sparsity + aux (scalar)."""
     mse: Tensor
-    """Squared error summed over D and averaged over the batch, in normalized space, averaged
-    over Matryoshka prefixes (scalar)."""
+    """Squared error summed over D and averaged over the batch, in normalized space, weighted
+    over Matryoshka prefixes (`SAEConfig.prefix_weights`; scalar)."""
     sparsity: Tensor
     """Sparsity penalty including its (warmed-up) coefficient; zero for the TopK family (scalar)."""
     aux: Tensor
@@ -93,6 +93,10 @@ class SAE(nn.Module):
         if cfg.activation == "batchtopk":
             # NaN until the first training batch sets it; inference falls back to ReLU meanwhile.
             self.register_buffer("threshold", torch.tensor(float("nan")))
+        if cfg.topk_warmup_steps:
+            self.register_buffer("steps_trained", torch.zeros((), dtype=torch.long))
+        self._warm = not cfg.topk_warmup_steps
+        """Past the TopK warm-up (a host-side copy, so the check costs no sync once true)."""
 
     # -- normalization -------------------------------------------------------------------------
     def set_norm(self, mean_D: Tensor, scale: float) -> None:
@@ -129,11 +133,23 @@ class SAE(nn.Module):
             thr = torch.nan_to_num(self.threshold, nan=0.0)
             return torch.where(pre_BS > thr, pre_BS, torch.zeros_like(pre_BS))
         # Training: keep the k*B largest activations of the whole batch (Bussmann et al. 2024).
-        vals_N, rows_N, cols_N = sparse.topk_batch(
-            pre_BS, self._n_keep(len(pre_BS)), 2 * self.cfg.k
-        )
+        if self.per_example_selection():
+            vals_N, rows_N, cols_N = sparse.topk_rows(pre_BS, self.cfg.k)
+        else:
+            vals_N, rows_N, cols_N = sparse.topk_batch(
+                pre_BS, self._n_keep(len(pre_BS)), 2 * self.cfg.k
+            )
         self._update_threshold(vals_N)
         return Latents(tuple(pre_BS.shape), vals_N.clamp_min(0), rows_N, cols_N).dense()
+
+    def per_example_selection(self) -> bool:
+        """Whether this training step selects each example's k largest: TopK, and BatchTopK
+        during its `topk_warmup_steps` (one host sync per step until the warm-up ends)."""
+        if self.cfg.activation == "topk":
+            return True
+        if not self._warm:
+            self._warm = int(self.steps_trained) >= self.cfg.topk_warmup_steps
+        return not self._warm
 
     def _n_keep(self, B: int) -> int:
         return min(self.cfg.k * B, B * self.cfg.d_sae)
@@ -141,6 +157,8 @@ class SAE(nn.Module):
     @torch.no_grad()
     def _update_threshold(self, vals_N: Tensor) -> None:
         """The inference threshold: EMA of the smallest kept positive activation per batch."""
+        if self.cfg.topk_warmup_steps:
+            self.steps_trained += 1
         kept = torch.where(vals_N > 0, vals_N, torch.full_like(vals_N, float("inf")))
         smallest = kept.min().float()
         m, old = self.cfg.threshold_momentum, self.threshold
@@ -190,18 +208,19 @@ class SAE(nn.Module):
         if not (self.training and cfg.aux_k > 0 and may_be_dead):
             return None
         # One host sync: AuxK is skipped outright when nothing is dead.
-        dead_M = (self.tokens_since_fired >= cfg.dead_after_tokens).nonzero().squeeze(1)
+        dead_M = (self.tokens_since_fired >= cfg.dead_window).nonzero().squeeze(1)
         return dead_M if len(dead_M) else None
 
     def selector(self, B: int, dead_M: Tensor | None) -> sparse.Selector:
         """The TopK family's selection from [B, S] pre-activations: the kept entries, then (if
         `dead_M`) AuxK's entries among the dead latents."""
         cfg = self.cfg
+        per_example = self.per_example_selection()
 
         def select(pre_BS: Tensor) -> list:
             # AuxK first: BatchTopK then clamps pre_BS in place (its caller drops it after this).
             aux = [] if dead_M is None else [sparse.topk_among(pre_BS, dead_M, cfg.aux_k)]
-            if cfg.activation == "topk":
+            if per_example:
                 return [sparse.topk_rows(pre_BS, cfg.k), *aux]
             # Rows of a batch share k*B slots: 2k candidates per row, rarer rows taken whole.
             return [sparse.topk_batch(pre_BS, self._n_keep(B), 2 * cfg.k, inplace=True), *aux]
@@ -269,20 +288,20 @@ class SAE(nn.Module):
 
     def _matryoshka_mse(self, x_BD: Tensor, latents: Latents) -> tuple[Tensor, Tensor]:
         """Each nested prefix of the dictionary reconstructs the input on its own (Bussmann et al.
-        2025); the prefix losses are averaged so lr and coefficients keep their scale."""
+        2025); the prefix losses' weights sum to 1 so lr and coefficients keep their scale."""
         x_hat_BD = self.b_dec.expand_as(x_BD)
         total, start = 0.0, 0
         sizes = self.cfg.prefix_sizes
-        for end in sizes:
+        for end, weight in zip(sizes, self.cfg.prefix_weights):
             if latents.is_sparse:
                 cols_N = latents.cols_N
                 part_N = latents.vals_N * ((cols_N >= start) & (cols_N < end))
                 x_hat_BD = x_hat_BD + self._decode_norm(latents, part_N)
             else:
                 x_hat_BD = x_hat_BD + latents.dense()[:, start:end] @ self.W_dec[start:end]
-            total = total + _sq_error(x_hat_BD, x_BD)
+            total = total + weight * _sq_error(x_hat_BD, x_BD)
             start = end
-        return x_hat_BD, total / len(sizes)
+        return x_hat_BD, total
 
     def _auxk(self, e_BD: Tensor, aux: Latents, n_dead: int) -> Tensor:
         """AuxK: the top-k_aux dead latents reconstruct the main residual (Gao et al. 2024, sec.

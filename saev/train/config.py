@@ -16,7 +16,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from saev.data.config import DataConfig
-from saev.nn import SAEConfig
+from saev.nn.config import SAEConfig, dead_after
 
 PER_SAE_KEYS = ("name", "sae", "lr", "lr_warmup_steps", "grad_clip", "seed")
 """Settings that touch only one SAE and its optimizer; they may differ within one job."""
@@ -118,6 +118,9 @@ class TrainConfig:
     def __post_init__(self):
         if self.lr is None and getattr(self.sae, "d_sae", None) is not None:
             self.lr = default_lr(self.sae.d_sae)
+        if isinstance(self.sae, SAEConfig) and self.sae.dead_after_tokens is None:
+            # Recorded as resolved (job.json, config.json), like lr.
+            self.sae = dataclasses.replace(self.sae, dead_after_tokens=dead_after(self.n_train))
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}.")
         positive = {

@@ -1,4 +1,4 @@
-"""The LightningModule: many SAEs trained side by side on the same batch (docs/architecture.md, "Train").
+"""The LightningModule: many SAEs trained side by side on the same batch (docs/architecture.md).
 
 Each SAE has its own optimizer param group (learning rate and warmup), sparsity-coefficient
 warmup, gradient clipping and metrics. One step reads the batch once, runs every SAE, sums their
@@ -136,8 +136,8 @@ class SAEModule(L.LightningModule):
             for sae in self.saes:
                 sae.init_b_dec_(mean_1D)
         scales_N = torch.tensor(self.sparsity_scales(step), device=x_BD.device)
-        # No latent can be dead before dead_after_tokens tokens: skip AuxK's top-k until then.
-        dead_N = tuple(self.tokens_seen >= m.sae.dead_after_tokens for m in self.members)
+        # No latent can be dead before its dead window has passed: skip AuxK's top-k until then.
+        dead_N = tuple(self.tokens_seen >= m.sae.dead_window for m in self.members)
         outs = self._forward(x_BD, scales_N, dead_N)
         losses_N = torch.stack([o.loss for o in outs])
         if len(x_BD) == 0:  # a DDP rank with no rows of this global batch contributes nothing
@@ -182,14 +182,14 @@ class SAEModule(L.LightningModule):
     def _log_train(self, x_BD: Tensor, outs: list[Output], step: int, opt) -> None:
         """Metrics of this batch (computed every log_every steps, not accumulated, to keep the
         step cheap), plus losses, learning rate and the dead fraction over the last
-        min(dead_after_tokens, tokens seen) tokens."""
+        min(dead window, tokens seen) tokens."""
         scales = self.sparsity_scales(step - 1)
         for i, (sae, m, out) in enumerate(zip(self.saes, self.members, outs)):
             metric = self.train_metrics[i]
             metric.update(x_BD, out.x_hat, out.f_x)
             values = metric.compute()
             metric.reset()
-            window = min(m.sae.dead_after_tokens, self.tokens_seen)
+            window = min(m.sae.dead_window, self.tokens_seen)
             values["dead"] = dead_fraction(sae.tokens_since_fired, window)
             values |= {"loss": out.loss, "mse": out.mse, "sparsity": out.sparsity, "aux": out.aux}
             values["lr"] = opt.param_groups[i]["lr"]

@@ -1,9 +1,9 @@
 """The static latent browser: `<out_dir>/index.html` plus one page per chosen latent.
 
 Plain HTML with a small inline script (sorting and filtering the table); it opens straight from
-disk with no server and no network. Images are files written once by `saev.visualize.render` and referenced
-by relative paths, never inlined. The plot of log10 frequency against log10 mean value of every
-live latent is inline SVG, so the chosen latents' points can link to their pages.
+disk with no server and no network. Images are files written once by `saev.visualize.render` and
+referenced by relative paths, never inlined. The plot of log10 frequency against log10 mean value
+of every live latent is inline SVG, so the chosen latents' points can link to their pages.
 """
 
 from __future__ import annotations
