@@ -22,7 +22,7 @@ from saev import shards
 from saev.record import images
 from saev.record import job as recording
 from saev.record import vit as vitlib
-from saev.record.config import ModelConfig, RecordConfig, SyntheticConfig
+from saev.record.config import ModelConfig, RecordConfig, SyntheticImagesConfig
 
 
 @dataclasses.dataclass
@@ -104,7 +104,7 @@ def main() -> None:
 
     cfg = RecordConfig(
         model=ModelConfig(family=args.family, ckpt=args.ckpt, pretrained=False),
-        data=SyntheticConfig(n_images=args.n_images),
+        data=SyntheticImagesConfig(n_images=args.n_images),
         layers=args.layers,
         dtype=args.dtype,
         max_patches_per_shard=args.max_patches_per_shard,

@@ -11,7 +11,7 @@ from saev.record.config import (
     ImageFolderConfig,
     ImageNetConfig,
     Inat21Config,
-    SyntheticConfig,
+    SyntheticImagesConfig,
 )
 
 
@@ -75,7 +75,7 @@ def test_synthetic_images_are_deterministic_and_varied():
     assert a.load(0).size == (images.SYNTHETIC_SIZE, images.SYNTHETIC_SIZE)
     assert {a.source(i)["label"] for i in range(8)} <= {0, 1, 2}
     assert a.source(3) == {"index": 3, "label": a._label(3)} and a.find({"index": 3}) == 3
-    assert isinstance(images.build(SyntheticConfig(n_images=3)), images.SyntheticDataset)
+    assert isinstance(images.build(SyntheticImagesConfig(n_images=3)), images.SyntheticDataset)
 
 
 def test_decoded_reports_unreadable_images_instead_of_raising(tmp_path):

@@ -269,10 +269,10 @@ def test_kill_9_then_resume_is_byte_identical(tmp_path):
     proc = record(*args, f"dump_to={killed_to}", cwd=tmp_path, wait=False)
     # Meanwhile the uninterrupted run, in this process: the same code without another startup.
     from saev.record import job as recording
-    from saev.record.config import RecordConfig, SyntheticConfig
+    from saev.record.config import RecordConfig, SyntheticImagesConfig
 
     clean_cfg = RecordConfig(
-        data=SyntheticConfig(n_images=400),
+        data=SyntheticImagesConfig(n_images=400),
         max_patches_per_shard=680,
         batch_size=32,
         n_workers=1,

@@ -89,7 +89,7 @@ class Ade20kConfig:
 
 
 @dataclasses.dataclass
-class SyntheticConfig:
+class SyntheticImagesConfig:
     name: str = "synthetic"
     n_images: int = 1024
     """Number of procedurally drawn images (deterministic in `seed` and the image index)."""
@@ -105,7 +105,7 @@ DATA_SCHEMAS = {
     "imagenet": ImageNetConfig,
     "inat21": Inat21Config,
     "ade20k": Ade20kConfig,
-    "synthetic": SyntheticConfig,
+    "synthetic": SyntheticImagesConfig,
 }
 
 

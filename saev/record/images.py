@@ -23,7 +23,7 @@ from saev.record.config import (
     ImageFolderConfig,
     ImageNetConfig,
     Inat21Config,
-    SyntheticConfig,
+    SyntheticImagesConfig,
 )
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm"}
@@ -146,7 +146,7 @@ Dataset = FileDataset | SyntheticDataset
 
 def build(cfg) -> Dataset:
     """The dataset a `saev.record.config` data config describes; raises `DataError` if unusable."""
-    if isinstance(cfg, SyntheticConfig):
+    if isinstance(cfg, SyntheticImagesConfig):
         return SyntheticDataset(cfg.n_images, cfg.seed)
     root = _existing_root(cfg.root)
     if isinstance(cfg, ImageFolderConfig):
