@@ -11,7 +11,7 @@ import sys
 
 import hydra
 
-from saev import cli, shards
+from saev import cli
 from saev.visualize import config as visualize_config
 
 visualize_config.register()
@@ -21,6 +21,7 @@ visualize_config.register()
 def main(cfg) -> None:
     from omegaconf import OmegaConf
 
+    from saev import shards
     from saev.visualize import job
 
     cli.run_or_exit(lambda: job.main(OmegaConf.to_object(cfg)), (shards.ShardError,))
@@ -30,5 +31,5 @@ if __name__ == "__main__":
     conf_dir = pathlib.Path(__file__).parent / "conf"
     if {"--help", "-h"} & set(sys.argv[1:]):
         visualize_config.print_help()
-    cli.check_command_line(sys.argv[1:], conf_dir, "visualize")
+    cli.check_command_line(sys.argv[1:], conf_dir, "visualize", check=visualize_config.check_paths)
     main()

@@ -188,13 +188,14 @@ def check_renamed(argv: list[str], config_name: str) -> None:
             fail(f"{key}= was renamed: write {RENAMED[config_name][key]}.")
 
 
-def check_command_line(argv: list[str], conf_dir, config_name: str, axes=None) -> None:
+def check_command_line(argv: list[str], conf_dir, config_name: str, axes=None, check=None) -> None:
     """Fail in one line, exit USER_ERROR, on what Hydra would reject while composing (an unknown
     key, naming the nearest known one; a value of the wrong type; an unknown config-group
     choice), before Hydra's multi-line report. A multirun is checked with the first value of each
     of its axes (`axes(overrides)`: {key: one override per value}; `train.py` passes the sweep's
     own, `saev.train.sweep.axes`); flags this does not model (--cfg, --config-name, ...) skip the
-    check."""
+    check. `check(cfg)`, if given, checks the composed config further (paths), raising
+    `FileNotFoundError` or `ValueError`."""
     import pathlib
 
     conf_dir = pathlib.Path(conf_dir)
@@ -216,7 +217,11 @@ def check_command_line(argv: list[str], conf_dir, config_name: str, axes=None) -
             overrides = [o for o in overrides if o.value_type != ValueType.GLOB_CHOICE_SWEEP]
             args = [v[0] for v in (axes or _plain_axes)(overrides).values()]
         with initialize_config_dir(config_dir=str(conf_dir), version_base=None):
-            compose(config_name, overrides=args, return_hydra_config=True)
+            cfg = compose(config_name, overrides=args, return_hydra_config=True)
+        if check is not None and not multirun:
+            check(cfg)
+    except FileNotFoundError as err:
+        fail_on(err)
     except (ValueError, HydraException, OmegaConfBaseException) as err:
         text, hint = one_line(err), _suggestion(str(err), conf_dir, config_name)
         if hint:  # a typo: the nearest known key, not Hydra's advice to append a new one

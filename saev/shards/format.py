@@ -60,9 +60,10 @@ class Metadata:
     data: dict
     """JSON description of the image dataset (name, root, split, ...). Never a pickle."""
     transform: list | None = None
-    """The pixel-moving steps of the model's eval transform (`saev.record.crops.describe`), so visualize
-    shows each image as the model saw it. Optional and outside the content hash: None (and no key
-    in metadata.json) in shards recorded before it was stored, or by writers without images."""
+    """The pixel-moving steps of the model's eval transform (`saev.record.crops.describe`), so
+    visualize shows each image as the model saw it. Optional and outside the content hash: None
+    (and no key in metadata.json) in shards recorded before it was stored, or by writers without
+    images."""
 
     def __post_init__(self):
         if self.dtype not in DTYPE_ITEMSIZE:

@@ -1,7 +1,7 @@
 """Read shard directories written by the public saev project (protocol "2.1") without re-recording.
 
-Facts about that layout (docs/architecture.md, "Shards"): `metadata.json` carries `protocol`, `family`, `ckpt`,
-`layers`, `content_tokens_per_example`, `cls_token`, `d_model`, `n_examples`,
+Facts about that layout (docs/architecture.md, "Shards"): `metadata.json` carries `protocol`,
+`family`, `ckpt`, `layers`, `content_tokens_per_example`, `cls_token`, `d_model`, `n_examples`,
 `max_tokens_per_shard`, `dtype` (always float32) and `data`, a base64 pickle that we never decode.
 `shards.json` lists `{"name", "n_examples"}`. Each `acts*.bin` is a float32 C-order array
 `[examples, layers, tokens, d_model]` (CLS is token 0 when `cls_token`), allocated at full size
@@ -13,7 +13,6 @@ Facts about that layout (docs/architecture.md, "Shards"): `metadata.json` carrie
 
 from __future__ import annotations
 
-import os
 import pathlib
 
 from saev.shards import format as shards

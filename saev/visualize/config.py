@@ -7,6 +7,7 @@ Two modes: `ckpt=<sae dir>` (one pass over the shards, cached, then the latent b
 from __future__ import annotations
 
 import dataclasses
+import pathlib
 
 SORTS = ("frequency", "value", "random")
 
@@ -109,6 +110,25 @@ class VisualizeConfig:
             raise ValueError(f"heatmap.opacity={self.heatmap.opacity} must be in [0, 1].")
         if self.data.tokens not in (None, "patches", "cls", "all"):
             raise ValueError(f"data.tokens={self.data.tokens!r} must be patches, cls or all.")
+
+
+def sae_dir(ckpt: str) -> pathlib.Path:
+    """The SAE checkpoint directory `ckpt=` names (absolute); FileNotFoundError if it is not one."""
+    from saev.nn.config import CONFIG_NAME, WEIGHTS_NAME
+
+    path = pathlib.Path(ckpt).absolute()
+    if not (path / CONFIG_NAME).is_file() or not (path / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(
+            f"{path} lacks {CONFIG_NAME} or {WEIGHTS_NAME}; is it an SAE directory?"
+        )
+    return path
+
+
+def check_paths(cfg) -> None:
+    """What `check_command_line` can check of a composed visualize config before Hydra runs the
+    job: that `ckpt=` is an SAE directory."""
+    if cfg.get("ckpt") is not None:
+        sae_dir(cfg.ckpt)
 
 
 def register() -> None:

@@ -15,7 +15,7 @@ import pathlib
 
 from saev import shards
 from saev.nn.config import CONFIG_NAME, WEIGHTS_NAME
-from saev.visualize.config import VisualizeConfig
+from saev.visualize.config import VisualizeConfig, sae_dir
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -33,11 +33,7 @@ class PassInputs:
 
     @classmethod
     def resolve(cls, cfg: VisualizeConfig) -> PassInputs:
-        ckpt = pathlib.Path(cfg.ckpt).absolute()
-        if not (ckpt / CONFIG_NAME).is_file() or not (ckpt / WEIGHTS_NAME).is_file():
-            raise FileNotFoundError(
-                f"{ckpt} lacks {CONFIG_NAME} or {WEIGHTS_NAME}; is it an SAE directory?"
-            )
+        ckpt = sae_dir(cfg.ckpt)
         trained = json.loads((ckpt / CONFIG_NAME).read_text()).get("train", {}).get("data", {})
         shard_root = cfg.data.shard_root or trained.get("shard_root")
         layer = cfg.data.layer if cfg.data.layer is not None else trained.get("layer")
