@@ -43,6 +43,12 @@ class SyntheticConfig:
     seed: int = 0
     dtype: str = "float32"
     """Storage dtype of the shards: float32, float16 or bfloat16."""
+    children: int = 0
+    """A hierarchy: with children > 0 the first n_features / (1 + children) features are parents,
+    `active` of which fire per token, and each has `children` child features (independent random
+    directions) that fire only with it: one of them on half of its parent's tokens. The kind of
+    data where Matryoshka SAEs should keep parents whole (no absorption of a parent into its
+    children's latents). 0: a flat dictionary, every feature equally likely."""
 
     def __post_init__(self):
         if self.dtype not in shards.DTYPE_ITEMSIZE:
@@ -51,13 +57,27 @@ class SyntheticConfig:
             value = getattr(self, f.name)
             if f.name == "dtype":
                 continue
-            if f.name in ("noise", "offset", "seed"):
+            if f.name in ("noise", "offset", "seed", "children"):
                 if value < 0:
                     raise ValueError(f"{f.name} must be non-negative, got {value}.")
             elif value <= 0:
                 raise ValueError(f"{f.name} must be positive, got {value}.")
-        if self.active > self.n_features:
-            raise ValueError(f"active={self.active} exceeds n_features={self.n_features}.")
+        if self.n_features % (1 + self.children):
+            raise ValueError(
+                f"n_features={self.n_features} is not a multiple of 1 + children={self.children}."
+            )
+        if self.active > self.n_parents:
+            raise ValueError(f"active={self.active} exceeds the {self.n_parents} parent features.")
+
+    @property
+    def n_parents(self) -> int:
+        """Features that fire on their own: all of them in a flat dictionary."""
+        return self.n_features // (1 + self.children)
+
+    def children_of(self, parent: int) -> range:
+        """Indices of a parent feature's children in the dictionary."""
+        first = self.n_parents + parent * self.children
+        return range(first, first + self.children)
 
 
 def make_dictionary(cfg: SyntheticConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,14 +91,29 @@ def make_dictionary(cfg: SyntheticConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def sample(cfg: SyntheticConfig, n: int, gen: torch.Generator) -> torch.Tensor:
-    """`n` tokens [n, D]: coefficients uniform in [0.5, 1.5] on `active` random features, so every
-    active feature is well above the noise."""
+    """`n` tokens [n, D]: the true features' coefficients (`coefficients`) times the dictionary,
+    plus the offset and isotropic Gaussian noise."""
     dict_FD, offset_D = make_dictionary(cfg)
-    idx_NA = torch.rand(n, cfg.n_features, generator=gen).topk(cfg.active, dim=-1).indices
-    coef_NA = 0.5 + torch.rand(n, cfg.active, generator=gen)
-    coef_NF = torch.zeros(n, cfg.n_features).scatter(-1, idx_NA, coef_NA)
+    coef_NF = coefficients(cfg, n, gen)
     noise_ND = cfg.noise * torch.randn(n, cfg.d_model, generator=gen)
     return coef_NF @ dict_FD + offset_D + noise_ND
+
+
+def coefficients(cfg: SyntheticConfig, n: int, gen: torch.Generator) -> torch.Tensor:
+    """[n, F]: coefficients uniform in [0.5, 1.5] on `active` random parent features per token
+    (every feature of a flat dictionary), so every active feature is well above the noise; with
+    `children`, one child of each active parent on half of the tokens, likewise."""
+    P = cfg.n_parents
+    idx_NA = torch.rand(n, P, generator=gen).topk(cfg.active, dim=-1).indices
+    coef_NA = 0.5 + torch.rand(n, cfg.active, generator=gen)
+    coef_NF = torch.zeros(n, cfg.n_features).scatter(-1, idx_NA, coef_NA)
+    if cfg.children:
+        child_NA = P + idx_NA * cfg.children
+        child_NA += torch.randint(cfg.children, (n, cfg.active), generator=gen)
+        on_NA = torch.rand(n, cfg.active, generator=gen) < 0.5
+        child_coef_NA = (0.5 + torch.rand(n, cfg.active, generator=gen)) * on_NA
+        coef_NF.scatter_(-1, child_NA, child_coef_NA)
+    return coef_NF
 
 
 def write(dump_to: str | pathlib.Path, cfg: SyntheticConfig) -> pathlib.Path:
@@ -92,7 +127,12 @@ def write(dump_to: str | pathlib.Path, cfg: SyntheticConfig) -> pathlib.Path:
         dtype=cfg.dtype,
         n_examples=cfg.n_examples,
         examples_per_shard=cfg.examples_per_shard,
-        data={"name": "synthetic-sparse-dictionary", **dataclasses.asdict(cfg)},
+        # A flat dictionary keeps the description (and so the directory) it had before
+        # hierarchies existed.
+        data={
+            "name": "synthetic-sparse-dictionary",
+            **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "children" or v},
+        },
     )
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     with shards.ShardWriter(dump_to, md) as writer:

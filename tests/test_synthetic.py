@@ -74,3 +74,23 @@ def test_recovery_measure():
     assert perfect["recovered"] == 1.0 and perfect["mean_best_cos"] == pytest.approx(1.0)
     half = synthetic.recovery(dict_FD[:5], dict_FD)
     assert half["recovered"] == pytest.approx(0.5, abs=0.11)
+
+
+def test_children_fire_only_with_their_parent():
+    cfg = synthetic.SyntheticConfig(d_model=8, n_features=12, active=2, noise=0.0, children=2)
+    assert cfg.n_parents == 4 and list(cfg.children_of(1)) == [6, 7]
+    on_NF = synthetic.coefficients(cfg, 4000, torch.Generator().manual_seed(0)) > 0
+    assert (on_NF[:, :4].sum(1) == 2).all()  # `active` parents per token
+    for p in range(4):
+        kids = list(cfg.children_of(p))
+        assert not (on_NF[:, kids].any(1) & ~on_NF[:, p]).any()  # a child only with its parent
+        assert (on_NF[:, kids].sum(1) <= 1).all()  # at most one child at a time
+        share = on_NF[on_NF[:, p]][:, kids].any(1).float().mean()
+        assert 0.45 < share < 0.55  # on half of the parent's tokens
+    flat = synthetic.SyntheticConfig(d_model=8, n_features=12, active=2, noise=0.0)
+    on_flat = synthetic.coefficients(flat, 4000, torch.Generator().manual_seed(0)) > 0
+    assert (on_flat.sum(1) == 2).all() and on_flat[:, 4:].any()  # every feature fires alone
+    with pytest.raises(ValueError, match="multiple of 1 \\+ children"):
+        synthetic.SyntheticConfig(n_features=10, children=2)
+    with pytest.raises(ValueError, match="exceeds the 4 parent features"):
+        synthetic.SyntheticConfig(n_features=12, active=5, children=2)
