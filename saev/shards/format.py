@@ -188,10 +188,6 @@ class ShardSet:
         shape = (f.n_examples, md.n_layers, md.n_tokens_per_example, md.d_model)
         return np.memmap(f.path, dtype=NUMPY_STORAGE_DTYPE[md.dtype], mode="r", shape=shape)
 
-    def patch_labels(self) -> np.ndarray | None:
-        """Each patch's label, uint8 `[n_examples, n_patches_per_example]`, or None."""
-        return read_patch_labels(self.root, self.metadata)
-
 
 def read_patch_labels(root: pathlib.Path, md: Metadata) -> np.ndarray | None:
     """Each patch's label, uint8 `[n_examples, n_patches_per_example]` (read-only), or None when
