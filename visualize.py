@@ -31,5 +31,6 @@ if __name__ == "__main__":
     conf_dir = pathlib.Path(__file__).parent / "conf"
     if {"--help", "-h"} & set(sys.argv[1:]):
         visualize_config.print_help()
+    sys.argv[1:] = cli.expand_switches(sys.argv[1:], "visualize")
     cli.check_command_line(sys.argv[1:], conf_dir, "visualize", check=visualize_config.check_paths)
     main()

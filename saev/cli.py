@@ -180,6 +180,25 @@ RENAMED = {
 """Keys that an entry point spelled otherwise before: {config: {old key: what to write now}}."""
 
 
+SWITCHES = {"visualize": ("splice", "probe")}
+"""Sub-configs that a bare `name=true|false` turns on or off: short for `name.enabled=...`."""
+
+
+def expand_switches(argv: list[str], config_name: str) -> list[str]:
+    """`argv` with each switch written as its `enabled` field (`splice=true` ->
+    `splice.enabled=true`), so that `splice=true splice.n_images=64` composes; a switch given
+    anything but true or false fails in one line."""
+    out = []
+    for arg in argv:
+        key, eq, value = arg.partition("=")
+        if eq and key in SWITCHES.get(config_name, ()):
+            if value.lower() not in ("true", "false"):
+                fail(f"{key}={value}: write {key}=true or {key}=false.")
+            arg = f"{key}.enabled={value.lower()}"
+        out.append(arg)
+    return out
+
+
 def check_renamed(argv: list[str], config_name: str) -> None:
     """Fail in one line on a key this entry point used to spell otherwise, naming the new one."""
     for arg in argv:

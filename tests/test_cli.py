@@ -119,3 +119,15 @@ def test_a_user_error_is_reported_before_anything_heavy_is_imported(script, args
     imported = {line.split("|")[-1].strip() for line in res.stderr.splitlines() if "|" in line}
     assert "saev.cli" in imported  # the listing is there: the check below can fail
     assert not [m for m in imported if m.split(".")[0] in HEAVY], sorted(imported)
+
+
+def test_a_switch_is_short_for_its_enabled_field():
+    argv = ["ckpt=x", "splice=true", "splice.n_images=8", "probe=False", "render=false"]
+    assert cli.expand_switches(argv, "visualize") == [
+        "ckpt=x", "splice.enabled=true", "splice.n_images=8", "probe.enabled=false",
+        "render=false",
+    ]  # fmt: skip
+    assert cli.expand_switches(["splice=true"], "train") == ["splice=true"]
+    with pytest.raises(SystemExit) as err:
+        cli.expand_switches(["probe=yes"], "visualize")
+    assert err.value.code == cli.USER_ERROR
