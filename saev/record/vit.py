@@ -1,8 +1,10 @@
 """ViT wrappers: build a supported ViT and read its residual stream after chosen blocks.
 
 Every family ends up as a `ViT`: a trunk module, its list of transformer blocks, the forward call
-that runs them, and facts taken from the model itself (d_model, patch grid, image size, prefix
-tokens, eval transform). One mechanism, forward hooks on the blocks, records all of them.
+that runs them, the call that runs the whole model to its output (for the spliced evaluation),
+and facts taken from the model itself (d_model, patch grid, image size, prefix tokens, eval
+transform). One mechanism, forward hooks on the blocks, records all of them. `config_of`
+turns a recording's `metadata.json` model description back into the `ModelConfig` that built it.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import pathlib
+import re
 from collections.abc import Callable, Sequence
 
 import torch
@@ -41,6 +44,11 @@ class ViT:
     """False when blocks see [tokens, batch, d_model] (older open_clip towers)."""
     description: dict
     """`{"family", "ckpt", "weights"}` for metadata.json; decides the shard directory's hash."""
+    output: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+    """The whole model on images: `(embedding [B, E], logits [B, C] or None)`. The embedding is
+    what the model hands on: a timm model's pooled pre-logits features (what its classifier
+    consumes), an open_clip tower's projected image embedding; logits only where the model has
+    a classifier head (`load(..., head=True)` with weights that include one)."""
 
     @property
     def n_patches(self) -> int:
@@ -116,14 +124,38 @@ class Recorder:
             handle.remove()
 
 
-def load(cfg: ModelConfig, device: str | torch.device = "cpu") -> ViT:
-    """Build the ViT that `cfg` names, on `device`, in eval mode."""
+def load(cfg: ModelConfig, device: str | torch.device = "cpu", head: bool = False) -> ViT:
+    """Build the ViT that `cfg` names, on `device`, in eval mode. `head=True` keeps a timm
+    model's classifier where its weights (pretrained or `weights`) have one; random weights
+    never get one, since a head built first would change the trunk's random draw."""
     # Random initialization must be the same on every run: a resumed recording has to continue
     # with the very weights it started with.
     torch.manual_seed(cfg.seed)
-    vit = _open_clip(cfg) if _uses_open_clip(cfg) else _timm(cfg)
+    vit = _open_clip(cfg) if _uses_open_clip(cfg) else _timm(cfg, head)
     vit.module.to(device).eval()
     return vit
+
+
+RANDOM_WEIGHTS = re.compile(r"random\(seed=(-?\d+)\)")
+
+
+def config_of(description: dict) -> ModelConfig:
+    """The `ModelConfig` that recorded shards whose metadata.json says `model: description`
+    (`ViT.description`); ValueError if it names no model this saev builds."""
+    family, ckpt = description.get("family"), description.get("ckpt")
+    weights = str(description.get("weights", ""))
+    if family is None or ckpt is None:
+        raise ValueError(f"the recording's model {description} names no family and ckpt.")
+    if weights == "pretrained":
+        return ModelConfig(family=family, ckpt=ckpt, pretrained=True)
+    if m := RANDOM_WEIGHTS.fullmatch(weights):
+        return ModelConfig(family=family, ckpt=ckpt, seed=int(m.group(1)))
+    if not pathlib.Path(weights).is_file():
+        raise ValueError(
+            f"the recording's weights file {weights} is gone; put it back at that path to "
+            "rebuild the model."
+        )
+    return ModelConfig(family=family, ckpt=ckpt, weights=weights)
 
 
 def _weights_description(cfg: ModelConfig) -> str:
@@ -142,7 +174,7 @@ def _uses_open_clip(cfg: ModelConfig) -> bool:
     return not timm.is_model(name.split(".")[0])
 
 
-def _timm(cfg: ModelConfig) -> ViT:
+def _timm(cfg: ModelConfig, head: bool = False) -> ViT:
     import timm
 
     name, kwargs = cfg.ckpt, {}
@@ -156,20 +188,30 @@ def _timm(cfg: ModelConfig) -> ViT:
     elif not name.startswith("hf-hub:") and not timm.is_model(name.split(".")[0]):
         raise ValueError(f"model.ckpt={name!r} is not a timm model (see timm.list_models()).")
     pretrained = cfg.pretrained and cfg.weights is None
+    if not (head and pretrained):  # published weights bring their own head, or none
+        kwargs["num_classes"] = 0
     try:
-        model = timm.create_model(name, pretrained=pretrained, num_classes=0, **kwargs)
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
     except Exception as err:
         raise _build_error(cfg, err) from err
     if cfg.weights is not None:
         filter_fn = getattr(
             importlib.import_module(type(model).__module__), "checkpoint_filter_fn", None
         )
-        load_weights(model, cfg.weights, filter_fn=filter_fn)
+        load_weights(model, cfg.weights, filter_fn=filter_fn, head=head)
     data_cfg = timm.data.resolve_model_data_config(model)
     # pretrained_cfg keeps the registered input size even when img_size was overridden.
     data_cfg["input_size"] = (3, *model.patch_embed.img_size)
     transform = timm.data.create_transform(**data_cfg, is_training=False)
     return _timm_trunk(model, transform, cfg)
+
+
+def _timm_output(model: nn.Module):
+    def output(x_BCHW: torch.Tensor):
+        emb_BE = model.forward_head(model.forward_features(x_BCHW), pre_logits=True)
+        return emb_BE, (model.get_classifier()(emb_BE) if model.num_classes else None)
+
+    return output
 
 
 def _timm_trunk(model: nn.Module, transform: Callable, cfg: ModelConfig) -> ViT:
@@ -188,6 +230,7 @@ def _timm_trunk(model: nn.Module, transform: Callable, cfg: ModelConfig) -> ViT:
         has_cls=getattr(model, "cls_token", None) is not None,
         batch_first=True,
         description={"family": cfg.family, "ckpt": cfg.ckpt, "weights": _weights_description(cfg)},
+        output=_timm_output(model),
     )
 
 
@@ -218,7 +261,8 @@ def _open_clip(cfg: ModelConfig) -> ViT:
         load_weights(visual, cfg.weights, prefix="visual.")
     if isinstance(visual, TimmModel):
         vit = _timm_trunk(visual.trunk, transform, cfg)
-        return dataclasses.replace(vit, module=visual.trunk)
+        # The tower's own head projects the trunk's pooled features into the joint space.
+        return dataclasses.replace(vit, module=visual, output=lambda x: (visual(x), None))
     if not isinstance(visual, VisionTransformer):
         raise ValueError(f"{cfg.ckpt}'s image tower is a {type(visual).__name__}, not a ViT.")
     return ViT(
@@ -234,6 +278,7 @@ def _open_clip(cfg: ModelConfig) -> ViT:
         has_cls=True,
         batch_first=getattr(visual.transformer, "batch_first", True),
         description={"family": cfg.family, "ckpt": cfg.ckpt, "weights": _weights_description(cfg)},
+        output=lambda x: (visual(x), None),
     )
 
 
@@ -248,12 +293,17 @@ def _build_error(cfg: ModelConfig, err: Exception) -> ValueError:
 
 
 def load_weights(
-    module: nn.Module, path: str, prefix: str = "", filter_fn: Callable | None = None
+    module: nn.Module,
+    path: str,
+    prefix: str = "",
+    filter_fn: Callable | None = None,
+    head: bool = False,
 ) -> None:
     """Load a safetensors file or torch state dict into `module`; every parameter must be covered.
 
     Accepts checkpoints wrapped in `state_dict`/`model`, keys prefixed `module.` (DDP) or `prefix`
-    (e.g. a full CLIP checkpoint's `visual.`), and timm's own converters via `filter_fn`.
+    (e.g. a full CLIP checkpoint's `visual.`), and timm's own converters via `filter_fn`. With
+    `head`, a headless timm `module` gets the file's classifier (`head.weight` [C, E]), if any.
     """
     file = pathlib.Path(path).expanduser()
     if not file.is_file():
@@ -277,6 +327,8 @@ def load_weights(
         state = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     if filter_fn is not None:
         state = filter_fn(state, module)
+    if head and "head.weight" in state and getattr(module, "num_classes", None) == 0:
+        module.reset_classifier(state["head.weight"].shape[0])
     own = module.state_dict()
     # A classifier head in the file is fine: recording never uses it (models are built headless).
     state = {k: v for k, v in state.items() if k in own or not k.startswith("head.")}

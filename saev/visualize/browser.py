@@ -87,6 +87,8 @@ class LatentView:
     images: list[ImageView]
     labels: list[tuple[int, int]]
     """(label, count) of its top patches where the shards carry per-patch labels (ADE20K)."""
+    effect: object | None = None
+    """What zeroing it does inside the model (`faithfulness.Effect`), with splice=true."""
 
 
 def _page(title: str, body: str, script: str = "") -> str:
@@ -115,6 +117,8 @@ def latent_page(view: LatentView, prev_id: int | None, next_id: int | None) -> s
         f'<p class="meta">frequency {view.freq:.4g} · mean when firing {view.mean:.4g} · '
         f"max {view.max:.4g} · {len(view.images)} images</p>",
     ]
+    if view.effect is not None:
+        parts.append(f'<p id="effect">{_effect_sentence(view.effect)}</p>')
     if view.labels:
         labels = ", ".join(f'<span class="label">{lab}</span> ({n})' for lab, n in view.labels)
         parts.append(f'<p id="labels">Patch labels of its top tokens: {labels}</p>')
@@ -130,6 +134,20 @@ def latent_page(view: LatentView, prev_id: int | None, next_id: int | None) -> s
             f"{_describe(im.record)}</figcaption></figure>"
         )
     return _page(f"latent {view.latent}", "\n".join(parts))
+
+
+def _effect_sentence(e) -> str:
+    base = "no other latent is live"
+    if e.baseline_latent is not None:
+        base = (
+            f"latent {e.baseline_latent}, of similar frequency, on its top images: "
+            f"{e.baseline_drop:.4g}"
+        )
+    return (
+        f"Zeroing this latent inside the model (the SAE's error kept) lowers the cosine of the "
+        f"model's output to the clean output by {e.drop:.4g} on average over its top "
+        f"{e.n_images} images (a random latent, {base})."
+    )
 
 
 def scatter_svg(summary, chosen: list[int], width=640, height=360) -> str:
@@ -181,6 +199,14 @@ def index_page(views: list[LatentView], summary, src, metrics: dict) -> str:
         for k in ("nmse", "explained_variance", "l0", "dead", "dense")
         if k in metrics
     )
+    if "splice" in metrics:
+        sp = metrics["splice"]
+        shown += "<br>spliced into the model: " + ", ".join(
+            f"{k} {sp[k]:.4g}"
+            for k in ("cos", "cos_mean_ablation", "recovered", "top1_agreement", "kl")
+            if k in sp
+        )
+    effects = any(v.effect is not None for v in views)
     head = [
         "<h1>SAE latents</h1>",
         f'<p class="meta">checkpoint {html.escape(str(src.ckpt))}<br>shards '
@@ -192,7 +218,9 @@ def index_page(views: list[LatentView], summary, src, metrics: dict) -> str:
         '<input id="ids" style="width:10em"> <span id="count"></span></p>',
         '<table id="latents"><thead><tr><th data-key="id">latent</th>'
         '<th data-key="freq">frequency</th><th data-key="mean">mean</th>'
-        '<th data-key="max">max</th><th>top image</th></tr></thead><tbody>',
+        '<th data-key="max">max</th>'
+        + ('<th data-key="drop">zero drop</th><th data-key="base">baseline</th>' if effects else "")
+        + "<th>top image</th></tr></thead><tbody>",
     ]
     rows = []
     for v in views:
@@ -201,11 +229,20 @@ def index_page(views: list[LatentView], summary, src, metrics: dict) -> str:
             im = v.images[0]
             src_rel = im.heatmap or f"images/{im.example}.png"
             thumb = f'<img class="thumb" src="{src_rel}" alt="">'
+        data, cells = "", ""
+        if effects:
+            e = v.effect
+            drop = "" if e is None else f"{e.drop:.6g}"
+            base = "" if e is None or e.baseline_drop is None else f"{e.baseline_drop:.6g}"
+            data = f' data-drop="{drop}" data-base="{base}"'
+            cells = (
+                f"<td>{drop and f'{e.drop:.4g}'}</td><td>{base and f'{e.baseline_drop:.4g}'}</td>"
+            )
         rows.append(
             f'<tr data-id="{v.latent}" data-freq="{v.freq:.6g}" data-mean="{v.mean:.6g}" '
-            f'data-max="{v.max:.6g}"><td><a class="latent" href="latents/{v.latent}.html">'
+            f'data-max="{v.max:.6g}"{data}><td><a class="latent" href="latents/{v.latent}.html">'
             f"{v.latent}</a></td><td>{v.freq:.4g}</td><td>{v.mean:.4g}</td><td>{v.max:.4g}</td>"
-            f"<td>{thumb}</td></tr>"
+            f"{cells}<td>{thumb}</td></tr>"
         )
     body = "\n".join(head + rows + ["</tbody></table>"])
     return _page("SAE latents", body, SCRIPT)

@@ -42,6 +42,21 @@ class HeatmapConfig:
 
 
 @dataclasses.dataclass
+class SpliceConfig:
+    """The spliced evaluation (`splice=true`): the recording's ViT run with the SAE in place of
+    its layer (saev.visualize.faithfulness)."""
+
+    enabled: bool = False
+    """Run it: metrics.json's splice section, and zeroing each shown latent (latents.csv)."""
+    n_images: int = 1024
+    """Recorded images (a seeded sample, the same every run) that the evaluation runs."""
+    batch_size: int = 32
+    """Images per forward; the blocks above the layer see 4x as many rows."""
+    intervention_images: int = 8
+    """Top images of each shown latent on which zeroing it is measured."""
+
+
+@dataclasses.dataclass
 class WandbSource:
     """Read sweep metrics from W&B instead of local metrics.json files (needs the network)."""
 
@@ -68,6 +83,7 @@ class VisualizeConfig:
     """Recompute the pass even when `out` holds one for the same checkpoint and shards."""
     render: bool = True
     """false: stop after the pass (statistics and metrics.json; to evaluate a checkpoint)."""
+    splice: SpliceConfig = dataclasses.field(default_factory=SpliceConfig)
     n_latents: int = 100
     """Latents chosen by the filters and `sort`, shown in addition to `include_latents`."""
     include_latents: list[int] = dataclasses.field(default_factory=list)
@@ -95,6 +111,8 @@ class VisualizeConfig:
             )
         positive = {"top_k": self.top_k, "n_images": self.n_images}
         positive["data.batch_size"] = self.data.batch_size
+        for name in ("n_images", "batch_size", "intervention_images"):
+            positive[f"splice.{name}"] = getattr(self.splice, name)
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name}={value} must be at least 1.")

@@ -71,25 +71,45 @@ def main(cfg: VisualizeConfig) -> pathlib.Path:
         return pareto.main(cfg)
     src = PassInputs.resolve(cfg)
     out_dir = pathlib.Path(cfg.out) if cfg.out else src.ckpt / "visuals"
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ValueError(f"cannot create out={out_dir} ({err.strerror}).") from None
-    key = src.key(cfg.top_k)
     # Deferred: torch takes seconds to import, and the checks above should not wait for it.
     from saev import nn
     from saev.visualize import statistics
 
     device = statistics.device_of(cfg.device)
     sae = nn.load(src.ckpt, device)
+    key = src.key(cfg.top_k)
+    prep = None
+    if cfg.splice.enabled:  # the model, the layer and the images are checked before any write
+        from saev.visualize import faithfulness
+
+        prep = faithfulness.prepare(cfg, src, sae, device)
+        if cfg.force or faithfulness.cached(out_dir, prep.key(key)) is None:
+            prep.vit  # noqa: B018 (built now: a model that cannot be built writes nothing)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ValueError(f"cannot create out={out_dir} ({err.strerror}).") from None
     summary = None if cfg.force else statistics.load_cached(out_dir, key)
     if summary is None:
         summary, metrics = statistics.run_pass(src, cfg, sae, device)
         statistics.save(out_dir, key, summary, metrics, src)
     else:
         logger.info("pass cached in %s (force=true recomputes it)", statistics.cache_dir(out_dir))
+    effects = None
+    if prep is not None:
+        splice_key = prep.key(key)
+        faithfulness.run(cfg, src, prep, sae, device, out_dir, splice_key)
+        if cfg.render:
+            from saev.visualize import render
+
+            cache = statistics.cache_dir(out_dir) / "interventions.json"
+            chosen = render.choose(summary, cfg)
+            effects = faithfulness.effects(
+                prep, src, sae, summary, chosen, cfg, device, cache, splice_key
+            )
+        statistics.write_latents(out_dir, summary, effects)
     if cfg.render:
         from saev.visualize import render
 
-        render.render(cfg, src, summary, sae, device, out_dir)
+        render.render(cfg, src, summary, sae, device, out_dir, effects)
     return out_dir

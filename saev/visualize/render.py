@@ -184,31 +184,45 @@ class Images:
 
     def crop(self, e: int):
         """The crop (PIL RGB) of example `e`, or None if its file is missing and skipped."""
+        img = self.image(e)
+        return None if img is None else crops.reproduce(img, self.steps)
+
+    def image(self, e: int):
+        """The image (PIL RGB) of example `e` as recorded, before the model's transform, or None
+        if its file is missing and skipped."""
         from saev.record import images
 
+        path = self.check(e)
+        if path is None:
+            return None
+        if path == "synthetic":
+            index = self.record(e)["index"]
+            return images.SyntheticDataset(self.data["n_images"], self.data["seed"]).load(index)
+        with images.Image.open(path) as img:
+            return img.convert("RGB")
+
+    def check(self, e: int):
+        """Where example `e`'s image is: its file, "synthetic" (drawn from its index), or None
+        if the file is missing and skipped; FileNotFoundError if missing, ValueError if the
+        example names no image."""
         rec = self.record(e)
         if "path" in rec:
             path = self.root / rec["path"]
-            if not path.is_file():
-                if self.skip_missing:
-                    self.n_missing += 1
-                    return None
-                raise FileNotFoundError(
-                    f"image {path} (example {e}) does not exist; set data.root=<where the "
-                    "dataset is now> or skip_missing_images=true."
-                )
-            with images.Image.open(path) as img:
-                img = img.convert("RGB")
-        elif self.data.get("name") == "synthetic" and "index" in rec:
-            img = images.SyntheticDataset(self.data["n_images"], self.data["seed"]).load(
-                rec["index"]
+            if path.is_file():
+                return path
+            if self.skip_missing:
+                self.n_missing += 1
+                return None
+            raise FileNotFoundError(
+                f"image {path} (example {e}) does not exist; set data.root=<where the dataset "
+                "is now> or skip_missing_images=true."
             )
-        else:
-            raise ValueError(
-                f"example {e} of {self.sh.root} ({rec}) names no image to show; render=false "
-                "computes statistics and metrics without images."
-            )
-        return crops.reproduce(img, self.steps)
+        if self.data.get("name") == "synthetic" and "index" in rec:
+            return "synthetic"
+        raise ValueError(
+            f"example {e} of {self.sh.root} ({rec}) names no image to show; render=false "
+            "computes statistics and metrics without images."
+        )
 
 
 def grid_shape(n_patches: int, height: int, width: int) -> tuple[int, int]:
@@ -263,9 +277,12 @@ def draw_heatmaps(latent: int, shown: list[Shown], heat: dict, crop_files, cfg, 
     return rels
 
 
-def render(cfg: VisualizeConfig, src, summary, sae, device, out_dir: pathlib.Path) -> None:
+def render(
+    cfg: VisualizeConfig, src, summary, sae, device, out_dir: pathlib.Path, effects=None
+) -> None:
     """Draw the chosen latents and write the browser; reads activations only for heatmaps of
-    (latent, image) pairs not drawn before."""
+    (latent, image) pairs not drawn before. `effects`: {latent: faithfulness.Effect}, shown
+    where given (splice=true)."""
     import matplotlib
 
     from saev.visualize import browser
@@ -302,7 +319,7 @@ def render(cfg: VisualizeConfig, src, summary, sae, device, out_dir: pathlib.Pat
         views.append(
             browser.LatentView(
                 s, float(summary.freq_S[s]), float(summary.mean_S[s]), float(summary.max_S[s]),
-                shown, sh.patch_labels(summary, s),
+                shown, sh.patch_labels(summary, s), (effects or {}).get(s),
             )
         )  # fmt: skip
     if imgs.n_missing:

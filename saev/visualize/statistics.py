@@ -156,13 +156,33 @@ def save(out_dir: pathlib.Path, key: dict, summary: LatentSummary, metrics: dict
         "tokens": src.tokens,
     }
     shards.write_json_atomic(out_dir / "metrics.json", record)
-    freq_S, mean_S = summary.freq_S, summary.mean_S
-    with open(out_dir / "latents.csv", "w", newline="") as fd:
-        w = csv.writer(fd)
-        w.writerow(["latent", "freq", "mean_when_firing", "max"])
-        for i in range(len(freq_S)):
-            w.writerow([i, f"{freq_S[i]:.6g}", f"{mean_S[i]:.6g}", f"{summary.max_S[i]:.6g}"])
+    write_latents(out_dir, summary)
     shards.write_json_atomic(path / "key.json", key)
+
+
+def write_latents(out_dir: pathlib.Path, summary: LatentSummary, effects: dict | None = None):
+    """latents.csv: per latent, firing frequency, mean value when firing and max; with
+    `effects` ({latent: faithfulness.Effect}, the spliced evaluation's), what zeroing it does
+    (`zero_drop`, blank for latents not shown) beside its matched random latent's."""
+    freq_S, mean_S = summary.freq_S, summary.mean_S
+    header = ["latent", "freq", "mean_when_firing", "max"]
+    if effects is not None:
+        header += ["zero_drop", "zero_drop_baseline", "baseline_latent"]
+    tmp = out_dir / "latents.csv.tmp"
+    with open(tmp, "w", newline="") as fd:
+        w = csv.writer(fd)
+        w.writerow(header)
+        for i in range(len(freq_S)):
+            row = [i, f"{freq_S[i]:.6g}", f"{mean_S[i]:.6g}", f"{summary.max_S[i]:.6g}"]
+            if effects is not None:
+                e = effects.get(i)
+                row += ["", "", ""] if e is None else [
+                    f"{e.drop:.6g}",
+                    "" if e.baseline_drop is None else f"{e.baseline_drop:.6g}",
+                    "" if e.baseline_latent is None else e.baseline_latent,
+                ]  # fmt: skip
+            w.writerow(row)
+    tmp.replace(out_dir / "latents.csv")
 
 
 def device_of(name: str) -> torch.device:
