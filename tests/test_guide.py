@@ -11,6 +11,7 @@ import sys
 
 import pytest
 from conftest import require_slurm
+from helpers.public_sae import dump, header, weights
 from helpers.shards import write_public_saev
 
 import saev.record.config  # noqa: F401  (registers record's schemas, as record.py does)
@@ -45,6 +46,11 @@ def test_every_guide_command_composes_as_written():
         assert real_args[:2] == tiny_args[:2], (real, tiny)  # python <same entry point>
         assert keys(real) <= keys(tiny), (real, sorted(keys(real) - keys(tiny)))
         script = real_args[1]
+        if script == "-m":  # python -m saev.export: its own key=value parser
+            from saev import export
+
+            export.parse([re.sub(r"<[^>]+>", "placeholder", a) for a in real_args[3:]])
+            continue
         # Placeholders such as <shards> (strings to fill in) become a plain word; only the
         # composition is checked here (the tiny variant runs below).
         filled = [re.sub(r"<[^>]+>", "placeholder", a) for a in real_args[2:]]
@@ -85,7 +91,14 @@ def test_every_guide_command_runs_on_tiny_settings(tmp_path):
         have_slurm = True
     except pytest.skip.Exception:
         have_slurm = False
-    variables = {"PHOTOS": str(photos), "OUT": str(tmp_path / "out"), "PUBLIC": str(public)}
+    public_sae = tmp_path / "public-sae.pt"  # a public saev checkpoint on $PUBLIC's d_model 8
+    dump(public_sae, header("5", "TopK", 8, 4), weights(8, 32))
+    variables = {
+        "PHOTOS": str(photos),
+        "OUT": str(tmp_path / "out"),
+        "PUBLIC": str(public),
+        "PUBLIC_SAE": str(public_sae),
+    }
     for _, tiny in pairs():
         if "hydra/launcher=slurm" in tiny and not have_slurm:
             continue  # require_slurm() fails under CI instead
@@ -98,6 +111,9 @@ def test_every_guide_command_runs_on_tiny_settings(tmp_path):
         elif script == "train.py" and "RUN_ID" not in variables:
             variables["RUN_ID"] = pathlib.Path(last).name
             variables["SAE"] = str(first_sae(pathlib.Path(last)))
+        if script == "-m":  # python -m saev.export
+            written = "cfg.json" if "format=saelens" in tiny else "config.json"
+            assert (pathlib.Path(last) / written).is_file(), tiny
         if script == "visualize.py" and "sweep=" in tiny:
             assert (pathlib.Path(last) / "pareto.png").is_file()
     assert (pathlib.Path(variables["SAE"]) / "visuals" / "index.html").is_file()

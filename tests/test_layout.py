@@ -17,6 +17,7 @@ ALLOWED = {
     "shards": set(),
     "synthetic": {"shards"},
     "demo": set(),
+    "export": {"cli", "shards", "nn"},
     "record": {"cli", "shards"},
     "data": {"shards"},
     "nn": set(),

@@ -1,8 +1,9 @@
 """The SAE maths, torch only: `SAEConfig` (`config`), the `SAE` module and checkpoints (`sae`),
-the TopK family's sparse step (`sparse`), the fused ReLU and JumpReLU activations (`relu_l1`,
-`jumprelu`), and same-shape SAEs as batched products (`batched`).
+any checkpoint format we read (`checkpoints`: ours, SAELens's `saelens`, the public saev's
+`public`), the TopK family's sparse step (`sparse`), the fused ReLU and JumpReLU activations
+(`relu_l1`, `jumprelu`), and same-shape SAEs as batched products (`batched`).
 
-    sae = saev.nn.load("runs/<id>/<sae>")   # takes raw activations
+    sae = saev.nn.load("runs/<id>/<sae>")   # takes raw activations; also SAELens, public saev
 
 The names below are loaded on first use, so that `saev.nn.config` (which the training schema
 nests) imports without torch.
@@ -18,7 +19,7 @@ _PUBLIC = {
     "WEIGHTS_NAME": "saev.nn.config",
     "SAE": "saev.nn.sae",
     "Output": "saev.nn.sae",
-    "load": "saev.nn.sae",
+    "load": "saev.nn.checkpoints",
     "from_pretrained": "saev.nn.sae",
 }
 __all__ = sorted(_PUBLIC)
