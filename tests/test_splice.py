@@ -2,6 +2,7 @@
 `visualize.py ... splice=true` on a tiny recording whose weights file has a classifier head,
 checked against a plain implementation (one full forward per variant, a forward hook each)."""
 
+import csv
 import json
 import pathlib
 import shutil
@@ -337,3 +338,27 @@ def test_missing_images_are_named_and_moved_images_found_with_data_root(tmp_path
     assert "does not exist; set data.root=" in one_line_error(res) and not out.exists()
     figures = spliced_metrics(ckpt, out, "render=false", f"data.root={moved}")
     assert figures["n_images"] == 6 and "top1_agreement" not in figures  # headless model
+
+
+def test_a_sweep_with_splice_plots_l0_against_recovered(recording, trained, tmp_path):
+    shards, _ = recording
+    sweep = tmp_path / "sweep"
+    mean = random_sae(64)
+    with torch.no_grad():
+        mean.W_dec.zero_()
+        mean.b_dec.copy_(recorded_patches(shards).mean(0))
+    shutil.copytree(trained, sweep / "job-0" / "good")
+    save(mean, sweep / "job-0" / "mean", shards)
+    for name, l0 in (("good", 8.0), ("mean", 1.0)):
+        metrics = {"val": {"l0": l0, "nmse": 0.1 if name == "good" else 1.0}}
+        (sweep / "job-0" / name / "metrics.json").write_text(json.dumps(metrics))
+    res = run("visualize.py", f"sweep={sweep}", "splice=true")
+    assert last_line(res) == sweep and (sweep / "pareto.png").is_file()
+    rows = {r["name"]: r for r in csv.DictReader(open(sweep / "pareto.csv"))}
+    assert float(rows["job-0/mean"]["recovered"]) == pytest.approx(0, abs=1e-5)
+    assert 0 < float(rows["job-0/good"]["recovered"]) < 1
+    cached = json.loads(
+        (sweep / "job-0" / "good" / "visuals" / "cache" / "splice.json").read_text()
+    )
+    assert cached["splice"]["n_images"] == N_IMAGES
+    assert float(rows["job-0/good"]["cos"]) == pytest.approx(cached["splice"]["cos"], abs=1e-6)

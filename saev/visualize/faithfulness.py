@@ -327,7 +327,8 @@ def run(cfg: VisualizeConfig, src, prep: Prepared, sae, device, out_dir: pathlib
         path.parent.mkdir(parents=True, exist_ok=True)
         shards.write_json_atomic(path, {"key": key, "splice": figures})
     metrics_path = out_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text())
-    metrics["splice"] = figures
-    shards.write_json_atomic(metrics_path, metrics)
+    if metrics_path.is_file():  # a sweep's SAE may have no pass of its own yet
+        metrics = json.loads(metrics_path.read_text())
+        metrics["splice"] = figures
+        shards.write_json_atomic(metrics_path, metrics)
     return figures

@@ -8,6 +8,7 @@ path is reported at once; the pass itself (`saev.visualize.statistics`) runs onl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -15,7 +16,7 @@ import pathlib
 
 from saev import shards
 from saev.nn.config import CONFIG_NAME, WEIGHTS_NAME
-from saev.visualize.config import VisualizeConfig, sae_dir
+from saev.visualize.config import VisualizeConfig, WandbSource, sae_dir
 
 logger = logging.getLogger(__name__)
 CACHE_VERSION = 1
@@ -68,7 +69,7 @@ def main(cfg: VisualizeConfig) -> pathlib.Path:
     if cfg.ckpt is None:
         from saev.visualize import pareto
 
-        return pareto.main(cfg)
+        return pareto.main(cfg, functools.partial(splice_one, cfg) if cfg.splice.enabled else None)
     src = PassInputs.resolve(cfg)
     out_dir = pathlib.Path(cfg.out) if cfg.out else src.ckpt / "visuals"
     # Deferred: torch takes seconds to import, and the checks above should not wait for it.
@@ -113,3 +114,19 @@ def main(cfg: VisualizeConfig) -> pathlib.Path:
 
         render.render(cfg, src, summary, sae, device, out_dir, effects)
     return out_dir
+
+
+def splice_one(cfg: VisualizeConfig, sae_dir: pathlib.Path) -> dict:
+    """The spliced evaluation of one SAE of a sweep (`visualize.py sweep=... splice=true`), in
+    `<sae>/visuals/cache/` as `ckpt=<sae> splice=true` keeps it; its `splice` figures."""
+    from saev import nn
+    from saev.visualize import faithfulness, statistics
+
+    one = dataclasses.replace(cfg, ckpt=str(sae_dir), sweep=None, out=None, wandb=WandbSource())
+    src = PassInputs.resolve(one)
+    device = statistics.device_of(cfg.device)
+    sae = nn.load(src.ckpt, device)
+    prep = faithfulness.prepare(one, src, sae, device)
+    return faithfulness.run(
+        one, src, prep, sae, device, src.ckpt / "visuals", prep.key(src.key(cfg.top_k))
+    )

@@ -7,6 +7,10 @@ is the `train` settings that differ across the SAEs found (the swept ones). Writ
 (one row per SAE), `pareto.png`, and `pareto.svg`, whose points link to each SAE's browser
 (`<sae>/visuals/index.html`) where one exists.
 
+With `splice=true`, each SAE is also run inside the model (`saev.visualize.faithfulness`, cached
+in `<sae>/visuals/cache/`): a second panel plots L0 against `recovered` (1: the model as if the
+SAE were not there, 0: no better than mean ablation), and pareto.csv gains `cos` and `recovered`.
+
 `wandb.project=<name>` reads the same metrics (`val/nmse`, `val/l0`, ...: what training logs) and
 configs from the W&B public API instead; that needs the network and a W&B login.
 """
@@ -44,6 +48,10 @@ class Point:
     """Its latent browser's index.html, if one was written."""
     on_front: bool = False
     """On the Pareto front: no other SAE has both lower-or-equal L0 and normalized MSE."""
+    directory: pathlib.Path | None = None
+    """Its checkpoint directory, for SAEs found on disk."""
+    splice: dict | None = None
+    """Its spliced evaluation (metrics.json's `splice` section), with splice=true."""
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -91,7 +99,7 @@ def discover(root: pathlib.Path) -> list[Point]:
                 name=str(sae_dir.relative_to(root)), kind=kind_of(config["sae"]),
                 l0=float(values["l0"]), nmse=float(values["nmse"]), split=split,
                 settings=flatten(config.get("train", {})),
-                browser=browser if browser.is_file() else None,
+                browser=browser if browser.is_file() else None, directory=sae_dir,
             )
         )  # fmt: skip
     return points
@@ -156,10 +164,15 @@ def label(p: Point, keys: list[str]) -> str:
 def write_csv(path: pathlib.Path, points: list[Point], keys: list[str]) -> None:
     with open(path, "w", newline="") as fd:
         w = csv.writer(fd)
-        w.writerow(["name", "kind", "l0", "nmse", "on_front", "split", *keys, "browser"])
+        spliced = any(p.splice for p in points)
+        extra = ["cos", "recovered"] if spliced else []
+        w.writerow(["name", "kind", "l0", "nmse", *extra, "on_front", "split", *keys, "browser"])
         for p in points:
             browser = os.path.relpath(p.browser, path.parent) if p.browser else ""
-            row = [p.name, p.kind, f"{p.l0:.6g}", f"{p.nmse:.6g}", p.on_front, p.split]
+            row = [p.name, p.kind, f"{p.l0:.6g}", f"{p.nmse:.6g}"]
+            if spliced:
+                row += [f"{p.splice[k]:.6g}" if p.splice else "" for k in extra]
+            row += [p.on_front, p.split]
             w.writerow([*row, *(p.settings.get(k, "") for k in keys), browser])
 
 
@@ -171,27 +184,44 @@ def plot(out: pathlib.Path, points: list[Point], keys: list[str]) -> None:
     matplotlib.rcParams["svg.fonttype"] = "none"  # labels stay text in the SVG (searchable)
     from matplotlib import pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
-    for kind in sorted({p.kind for p in points}):
-        mine = [p for p in points if p.kind == kind]
-        sc = ax.scatter([p.l0 for p in mine], [p.nmse for p in mine], label=kind, zorder=3)
-        sc.set_urls([os.path.relpath(p.browser, out) if p.browser else None for p in mine])
-    front = sorted((p for p in points if p.on_front), key=lambda p: p.l0)
-    ax.plot([p.l0 for p in front], [p.nmse for p in front], "k--", lw=1, label="Pareto front")
-    for p in points:
-        ax.annotate(label(p, keys), (p.l0, p.nmse), fontsize=7, xytext=(4, 4),
-                    textcoords="offset points")  # fmt: skip
-    ax.set_xlabel("L0 (active latents per token)")
+    spliced = [p for p in points if p.splice]
+    fig, axes = plt.subplots(1, 2 if spliced else 1, figsize=(13 if spliced else 7, 5), dpi=120)
+    ax = axes[0] if spliced else axes
+    _panel(ax, out, points, keys, lambda p: p.nmse, [p for p in points if p.on_front])
     ax.set_ylabel("normalized MSE")
     splits = sorted({p.split for p in points})
     ax.set_title(f"{len(points)} SAEs ({'/'.join(splits)} metrics)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.margins(x=0.2, y=0.1)  # room for the labels of the outermost points
+    if spliced:
+        ax = axes[1]
+        recovered = lambda p: p.splice["recovered"]  # noqa: E731
+        front = [
+            p for p in spliced
+            if not any(q.l0 <= p.l0 and recovered(q) > recovered(p) for q in spliced)
+        ]  # fmt: skip
+        _panel(ax, out, spliced, keys, recovered, front)
+        ax.set_ylabel("recovered (spliced into the model; 1 = unchanged, 0 = mean ablation)")
+        ax.set_title(f"the SAE inside the model ({spliced[0].splice['n_images']} images)")
     fig.tight_layout()
     fig.savefig(out / "pareto.png")
     fig.savefig(out / "pareto.svg")
     plt.close(fig)
+
+
+def _panel(ax, out: pathlib.Path, points: list[Point], keys, y, front: list[Point]) -> None:
+    """L0 against `y(point)`: one color per kind, each point linking to its browser."""
+    for kind in sorted({p.kind for p in points}):
+        mine = [p for p in points if p.kind == kind]
+        sc = ax.scatter([p.l0 for p in mine], [y(p) for p in mine], label=kind, zorder=3)
+        sc.set_urls([os.path.relpath(p.browser, out) if p.browser else None for p in mine])
+    front = sorted(front, key=lambda p: p.l0)
+    ax.plot([p.l0 for p in front], [y(p) for p in front], "k--", lw=1, label="Pareto front")
+    for p in points:
+        ax.annotate(label(p, keys), (p.l0, y(p)), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("L0 (active latents per token)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.margins(x=0.2, y=0.1)  # room for the labels of the outermost points
 
 
 def wandb_runs(project: str, entity: str | None):
@@ -201,7 +231,9 @@ def wandb_runs(project: str, entity: str | None):
     return wandb.Api().runs(f"{entity}/{project}" if entity else project)
 
 
-def main(cfg) -> pathlib.Path:
+def main(cfg, splice_of=None) -> pathlib.Path:
+    """The plot of `cfg.sweep` (or its W&B project); `splice_of(sae_dir) -> dict`, if given,
+    runs the spliced evaluation of each SAE found on disk."""
     root = pathlib.Path(cfg.sweep).absolute() if cfg.sweep else None
     if root is not None and not root.is_dir():
         raise FileNotFoundError(f"sweep={cfg.sweep} is not a directory.")
@@ -223,6 +255,10 @@ def main(cfg) -> pathlib.Path:
         raise ValueError(f"no SAE with metrics found in {where} (config.json + metrics.json).")
     out = pathlib.Path(cfg.out) if cfg.out else root or pathlib.Path("pareto").absolute()
     out.mkdir(parents=True, exist_ok=True)
+    if splice_of is not None:
+        for p in points:
+            if p.directory is not None:
+                p.splice = splice_of(p.directory)
     mark_front(points)
     keys = swept_keys(points)
     write_csv(out / "pareto.csv", points, keys)
