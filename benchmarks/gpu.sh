@@ -7,7 +7,8 @@
 #      floor measured in the same process, and 8 SAEs batched against one by one;
 #   3. the shuffled loader's bandwidth into the GPU, and with a cold page cache for 1, 3 and 7
 #      reader processes (issue 12: scaling with cores, which a 2-core machine cannot show);
-#   4. recording against the bare ViT forward pass.
+#   4. recording against the bare ViT forward pass;
+#   5. the spliced evaluation (issue 20) against three bare forwards.
 #
 #     bash benchmarks/gpu.sh            # DEVICE=cpu bash benchmarks/gpu.sh: same commands on CPU
 #
@@ -57,6 +58,8 @@ echo "== loader into $DEVICE"
 run 75 $PY benchmarks/loader.py --device "$DEVICE" "${LOADER[@]}" --dtypes float32 --passes 1
 echo "== recording against the bare forward pass"
 run 40 $PY benchmarks/record.py --device "$DEVICE" --repeats 2
+echo "== spliced evaluation against three bare forwards (issue 20)"
+run 60 $PY benchmarks/splice.py --device "$DEVICE" --ckpt vit_base_patch16_224 --n-images 512 --batch-size 64
 echo "== 8 same-shape SAEs as one batched group against one by one (the job setting batched)"
 run 100 $PY benchmarks/train.py "${STEP[@]}" --skip sparsify module --batched-kinds relu topk
 echo "== loader, cold page cache, by reader processes"
