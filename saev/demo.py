@@ -6,11 +6,13 @@ It runs the real entry points, one after another, exactly as a user would:
    synthetic images (`data=synthetic`); no download, no GPU;
 2. `python train.py -m +experiment=demo data.shard_root=<shards> runs_root=<out>/runs` trains the
    demo sweep (`conf/experiment/demo.yaml`: 2 ReLU and 2 TopK SAEs) in one job;
-3. `python visualize.py ckpt=<best SAE>` evaluates the SAE with the lowest validation normalized
-   MSE among those with L0 <= `--max-l0` (32) and builds its latent browser next to it
-   (`<sae>/visuals/index.html`);
-4. `python visualize.py sweep=<sweep dir>` draws the sweep's L0 against normalized MSE
-   (`<sweep dir>/pareto.png`), linking each point to a browser where one exists.
+3. `python visualize.py ckpt=<best SAE> splice=true` evaluates the SAE with the lowest validation
+   normalized MSE among those with L0 <= `--max-l0` (32), also inside the ViT (the SAE spliced
+   into the recorded block: how much of the model's output it keeps, and what zeroing each shown
+   latent does), and builds its latent browser next to it (`<sae>/visuals/index.html`);
+4. `python visualize.py sweep=<sweep dir> splice=true` draws the sweep's L0 against normalized
+   MSE and against `recovered` (`<sweep dir>/pareto.png`), linking each point to a browser where
+   one exists.
 
 The last two lines printed are the browser's `index.html` and the Pareto plot. `--n-images` and
 `--n-train` shrink it (the tests run it on tiny settings).
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import pathlib
 import subprocess
@@ -85,9 +88,17 @@ def run(
     )
     # Quoted: SAE directory names hold '=' (e.g. 02-topk-k=8), which Hydra would split on.
     browser = pathlib.Path(
-        step("3/4 visualize the best SAE", "visualize.py", [f"ckpt='{sae_dir}'"])
+        step("3/4 visualize the best SAE", "visualize.py", [f"ckpt='{sae_dir}'", "splice=true"])
     )
-    plot_dir = pathlib.Path(step("4/4 compare the sweep", "visualize.py", [f"sweep='{sweep_dir}'"]))
+    sp = json.loads((browser / "metrics.json").read_text())["splice"]
+    print(
+        f"   inside the ViT: output cosine {sp['cos']:.3f} (mean ablation "
+        f"{sp['cos_mean_ablation']:.3f}), recovered {sp['recovered']:.3f}",
+        file=sys.stderr,
+    )
+    plot_dir = pathlib.Path(
+        step("4/4 compare the sweep", "visualize.py", [f"sweep='{sweep_dir}'", "splice=true"])
+    )
     return browser / "index.html", plot_dir / "pareto.png"
 
 

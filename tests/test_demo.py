@@ -36,9 +36,13 @@ def test_demo_runs_the_whole_workflow(tmp_path):
     for r in rows:
         assert (sweep_dir / r["job"] / r["name"] / "sae.safetensors").is_file()
     with open(sweep_dir / "pareto.csv", newline="") as fd:
-        assert len(list(csv.DictReader(fd))) == 4
+        points = list(csv.DictReader(fd))
+    # Every SAE was also run inside the ViT; the TopK ones keep most of its output.
+    assert len(points) == 4 and all(0 < float(p["recovered"]) <= 1 for p in points)
+    assert all(float(p["recovered"]) > 0.5 for p in points if p["kind"] == "topk")
     html = index.read_text()
-    assert html.count("<tr") > 1 and 'src="heatmaps/' in html
+    assert html.count("<tr") > 1 and 'src="heatmaps/' in html and "zero drop" in html
+    assert "inside the ViT: output cosine" in res.stderr
     assert index.parent.parent.name in {r["name"] for r in rows}  # the browser of one of them
     for noise in NOISE:
         assert noise not in res.stderr, noise

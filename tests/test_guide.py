@@ -2,6 +2,7 @@
 type), runs for real in its tiny variant (the `<!-- tiny: ... -->` comment under its block, with
 the same options), and the Python snippet runs on a trained SAE."""
 
+import json
 import os
 import pathlib
 import re
@@ -54,8 +55,9 @@ def test_every_guide_command_composes_as_written():
         # Placeholders such as <shards> (strings to fill in) become a plain word; only the
         # composition is checked here (the tiny variant runs below).
         filled = [re.sub(r"<[^>]+>", "placeholder", a) for a in real_args[2:]]
+        name = script.removesuffix(".py")
         try:
-            cli.check_command_line(filled, ROOT / "conf", script.removesuffix(".py"))
+            cli.check_command_line(cli.expand_switches(filled, name), ROOT / "conf", name)
         except SystemExit as err:
             pytest.fail(f"{real}: exit {err.code}")
 
@@ -118,7 +120,12 @@ def test_every_guide_command_runs_on_tiny_settings(tmp_path):
             assert (pathlib.Path(last) / "pareto.png").is_file()
     assert (pathlib.Path(variables["SAE"]) / "visuals" / "index.html").is_file()
     assert (tmp_path / "out" / "eval" / "metrics.json").is_file()
-    snippet = re.search(r"```python\n(.*?)```", GUIDE.read_text(), re.S).group(1)
-    code = snippet.replace("<sae>", variables["SAE"])
-    res = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True)
-    assert res.returncode == 0 and "torch.Size([4," in res.stdout, res.stderr[-2000:]
+    assert "splice" in json.loads(
+        (pathlib.Path(variables["SAE"]) / "visuals" / "metrics.json").read_text()
+    )
+    for snippet in re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S):
+        code = snippet.replace("<sae>", variables["SAE"]).replace("<shards>", variables["SHARDS"])
+        res = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True)
+        assert res.returncode == 0, res.stderr[-2000:]
+        if "torch.randn(4," in code:
+            assert "torch.Size([4," in res.stdout
