@@ -46,8 +46,9 @@ class PassInputs:
         tokens = cfg.data.tokens or trained.get("tokens") or "patches"
         return cls(ckpt, pathlib.Path(shard_root).absolute(), int(layer), tokens)
 
-    def key(self, top_k: int) -> dict:
-        """Identity of a pass; reading it touches no activations (only small JSON files)."""
+    def key(self, top_k: int, probe=None) -> dict:
+        """Identity of a pass; reading it touches no activations (only small JSON files). A pass
+        with label probes (`probe`, a ProbeConfig) also has their settings that change it."""
         with open(self.ckpt / WEIGHTS_NAME, "rb") as fd:
             weights = hashlib.file_digest(fd, "sha256").hexdigest()
         return {
@@ -57,7 +58,7 @@ class PassInputs:
             "layer": self.layer,
             "tokens": self.tokens,
             "top_k": top_k,
-        }
+        } | ({"probe": {"memory_mb": probe.memory_mb}} if probe and probe.enabled else {})
 
 
 def main(cfg: VisualizeConfig) -> pathlib.Path:
@@ -75,16 +76,23 @@ def main(cfg: VisualizeConfig) -> pathlib.Path:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"cannot create out={out_dir} ({err.strerror}).") from None
-    key = src.key(cfg.top_k)
+    key = src.key(cfg.top_k, cfg.probe)
     # Deferred: torch takes seconds to import, and the checks above should not wait for it.
     from saev import nn
-    from saev.visualize import statistics
+    from saev.visualize import probe, statistics
 
     device = statistics.device_of(cfg.device)
     sae = nn.load(src.ckpt, device)
     summary = None if cfg.force else statistics.load_cached(out_dir, key)
+    if summary is not None and cfg.probe.enabled and probe.load(out_dir) is None:
+        summary = None  # a save interrupted between the probe's files and the key
     if summary is None:
-        summary, metrics = statistics.run_pass(src, cfg, sae, device)
+        tracker = probe.for_pass(src, cfg, sae, device) if cfg.probe.enabled else None
+        summary, metrics = statistics.run_pass(src, cfg, sae, device, tracker)
+        if tracker is None:
+            probe.clear(out_dir)
+        else:
+            metrics["probe"] = probe.write(out_dir, tracker.finish())
         statistics.save(out_dir, key, summary, metrics, src)
     else:
         logger.info("pass cached in %s (force=true recomputes it)", statistics.cache_dir(out_dir))
