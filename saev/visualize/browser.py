@@ -46,11 +46,13 @@ function applyFilter() {
   const f0 = bound('freq-lo', -Infinity), f1 = bound('freq-hi', Infinity);
   const m0 = bound('mean-lo', -Infinity), m1 = bound('mean-hi', Infinity);
   const ids = document.getElementById('ids').value.split(/[\\s,]+/).filter(s => s !== '');
+  const box = document.getElementById('class'), cl = box ? box.value.toLowerCase() : '';
   let n = 0;
   rows.forEach(r => {
     const lf = Math.log10(Number(r.dataset.freq)), lm = Math.log10(Number(r.dataset.mean));
     const ok = lf >= f0 && lf <= f1 && lm >= m0 && lm <= m1 &&
-      (ids.length === 0 || ids.includes(r.dataset.id));
+      (ids.length === 0 || ids.includes(r.dataset.id)) &&
+      (cl === '' || (r.dataset.class || '').toLowerCase().includes(cl));
     r.style.display = ok ? '' : 'none';
     n += ok;
   });
@@ -87,6 +89,8 @@ class LatentView:
     images: list[ImageView]
     labels: list[tuple[int, int]]
     """(label, count) of its top patches where the shards carry per-patch labels (ADE20K)."""
+    classes: list[tuple[str, int, str, float]] = dataclasses.field(default_factory=list)
+    """(level, label, class name, AP) of its best classes by label probe (probe=true)."""
 
 
 def _page(title: str, body: str, script: str = "") -> str:
@@ -118,6 +122,13 @@ def latent_page(view: LatentView, prev_id: int | None, next_id: int | None) -> s
     if view.labels:
         labels = ", ".join(f'<span class="label">{lab}</span> ({n})' for lab, n in view.labels)
         parts.append(f'<p id="labels">Patch labels of its top tokens: {labels}</p>')
+    if view.classes:
+        best = ", ".join(
+            f'<a class="class" href="../classes/{lv}/{label}.html">{html.escape(name)}</a> '
+            f"(AP {a:.3f}, {lv})"
+            for lv, label, name, a in view.classes
+        )
+        parts.append(f'<p id="classes">Classes it detects best (label probe): {best}</p>')
     if not view.images:
         parts.append("<p>No images: this latent never fired on these shards.</p>")
     for im in view.images:
@@ -176,6 +187,7 @@ def scatter_svg(summary, chosen: list[int], width=640, height=360) -> str:
 
 
 def index_page(views: list[LatentView], summary, src, metrics: dict) -> str:
+    probed = any(v.classes for v in views)
     shown = ", ".join(
         f"{k} {metrics[k]:.4g}"
         for k in ("nmse", "explained_variance", "l0", "dead", "dense")
@@ -189,11 +201,17 @@ def index_page(views: list[LatentView], summary, src, metrics: dict) -> str:
         scatter_svg(summary, [v.latent for v in views]),
         '<p class="controls">log10 frequency <input id="freq-lo"> to <input id="freq-hi"> · '
         'log10 mean <input id="mean-lo"> to <input id="mean-hi"> · ids '
-        '<input id="ids" style="width:10em"> <span id="count"></span></p>',
+        '<input id="ids" style="width:10em">'
+        + (' · best class <input id="class">' if probed else "")
+        + ' <span id="count"></span></p>',
         '<table id="latents"><thead><tr><th data-key="id">latent</th>'
         '<th data-key="freq">frequency</th><th data-key="mean">mean</th>'
-        '<th data-key="max">max</th><th>top image</th></tr></thead><tbody>',
+        '<th data-key="max">max</th>'
+        + ('<th data-key="ap">best class</th>' if probed else "")
+        + "<th>top image</th></tr></thead><tbody>",
     ]
+    if probed:
+        head.insert(-2, '<p><a href="classes/index.html">classes: best latents per class</a></p>')
     rows = []
     for v in views:
         thumb = ""
@@ -201,11 +219,16 @@ def index_page(views: list[LatentView], summary, src, metrics: dict) -> str:
             im = v.images[0]
             src_rel = im.heatmap or f"images/{im.example}.png"
             thumb = f'<img class="thumb" src="{src_rel}" alt="">'
+        best_attr, best_cell = "", ""
+        if probed:
+            _, _, name, a = v.classes[0] if v.classes else ("", 0, "", 0.0)
+            best_attr = f' data-class="{html.escape(name)}" data-ap="{a:.6g}"'
+            best_cell = f'<td class="best-class">{html.escape(name)} ({a:.3f})</td>'
         rows.append(
             f'<tr data-id="{v.latent}" data-freq="{v.freq:.6g}" data-mean="{v.mean:.6g}" '
-            f'data-max="{v.max:.6g}"><td><a class="latent" href="latents/{v.latent}.html">'
-            f"{v.latent}</a></td><td>{v.freq:.4g}</td><td>{v.mean:.4g}</td><td>{v.max:.4g}</td>"
-            f"<td>{thumb}</td></tr>"
+            f'data-max="{v.max:.6g}"{best_attr}><td><a class="latent" '
+            f'href="latents/{v.latent}.html">{v.latent}</a></td><td>{v.freq:.4g}</td>'
+            f"<td>{v.mean:.4g}</td><td>{v.max:.4g}</td>{best_cell}<td>{thumb}</td></tr>"
         )
     body = "\n".join(head + rows + ["</tbody></table>"])
     return _page("SAE latents", body, SCRIPT)

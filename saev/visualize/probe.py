@@ -284,16 +284,26 @@ def clear(out_dir: pathlib.Path) -> None:
     (probe_dir(out_dir) / "probe.json").unlink(missing_ok=True)
 
 
-def top_classes(results: list[LevelResult], latent: int, n: int) -> list[tuple[str, str, float]]:
-    """(level, class name, AP) of the latent's n best classes per level, best first."""
+def top_classes(results: list[LevelResult], latent: int, n: int) -> list[tuple]:
+    """(level, label, class name, AP) of the latent's n best classes per level, best first."""
     out = []
     for r in results:
         if r.ap_SC.shape[1] == 0:
             continue
         ap_C = r.ap_SC[latent]
         for j in np.argsort(-ap_C, kind="stable")[:n]:
-            out.append((r.level, r.names[int(r.classes_C[j])], float(ap_C[j])))
+            c = int(r.classes_C[j])
+            out.append((r.level, c, r.names[c], float(ap_C[j])))
     return out
+
+
+def featured(results: list[LevelResult], n: int) -> list[int]:
+    """The n best latents of every scored class (their pages and images are rendered)."""
+    out = {}
+    for r in results:
+        for j in range(len(r.classes_C)):
+            out.update((s, None) for s, _ in best_latents(r, j, n))
+    return list(out)
 
 
 def best_latents(result: LevelResult, j: int, n: int) -> list[tuple[int, float]]:
