@@ -102,6 +102,7 @@ def test_every_guide_command_runs_on_tiny_settings(tmp_path):
             assert (pathlib.Path(last) / "pareto.png").is_file()
     assert (pathlib.Path(variables["SAE"]) / "visuals" / "index.html").is_file()
     assert (tmp_path / "out" / "eval" / "metrics.json").is_file()
+    assert (tmp_path / "out" / "probe" / "probe.csv").is_file()
     snippet = re.search(r"```python\n(.*?)```", GUIDE.read_text(), re.S).group(1)
     code = snippet.replace("<sae>", variables["SAE"])
     res = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True)

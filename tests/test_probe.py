@@ -266,3 +266,19 @@ def test_probe_without_labels_is_one_line(shard_root, tmp_path):
     ckpt = nn.SAE(cfg).save(tmp_path / "sae", {"train": train})
     err = one_line_error(run("visualize.py", f"ckpt={ckpt}", "probe=true", f"out={tmp_path}/o"))
     assert "probe=true needs labels" in err and "drop probe=true" in err
+
+
+def test_sweep_probe_adds_l0_against_probe_map(tmp_path):
+    for i, (k, found) in enumerate([(4, True), (8, False)]):
+        sae_dir = tmp_path / "sweep" / f"run{i}" / "00-topk"
+        (sae_dir / "visuals").mkdir(parents=True)
+        config = {"sae": {"activation": "topk", "k": k}, "train": {"sae": {"k": k}}}
+        (sae_dir / "config.json").write_text(json.dumps(config))
+        (sae_dir / "metrics.json").write_text(json.dumps({"val": {"l0": k, "nmse": 1 / k}}))
+        if found:
+            probe = {"probe": {"patch": {"map": 0.75}}}
+            (sae_dir / "visuals" / "metrics.json").write_text(json.dumps(probe))
+    res = run("visualize.py", f"sweep={tmp_path / 'sweep'}", "probe=true")
+    out = last_line(res)
+    assert "1 SAEs have no probe results" in res.stdout + res.stderr
+    assert (out / "pareto.png").is_file() and "label probe mAP" in (out / "pareto.svg").read_text()

@@ -117,15 +117,29 @@ def curves(count_fBL: torch.Tensor, n_L: torch.Tensor, classes_C: torch.Tensor):
     return pos_fGC, all_fG
 
 
-def average_precision(count_FBL, n_L, classes_C, chunk: int = 256) -> torch.Tensor:
-    """AP [F, C] of the quantized scores (float32), as scikit-learn's average_precision_score:
-    sum over thresholds of (recall step) x precision, a tie group being one threshold."""
-    n_pos_C = n_L[classes_C].double()
+def average_precision(count_FBL, n_L, classes_C, chunk: int = 512) -> torch.Tensor:
+    """AP [F, C] of the quantized scores, as scikit-learn's average_precision_score: the sum over
+    thresholds of (recall step) x precision, a tie group being one threshold. Counts and their
+    running sums are exact integers; precision and the sum are float32 (relative error ~1e-6),
+    which halves the memory traffic of this, the probe's one-off cost at the end of a pass."""
+    # A slice of labels, not a gather (3x slower on CPU); the absent classes inside it are
+    # dropped from the small [f, C] result.
+    lo, hi = int(classes_C.min()), int(classes_C.max()) + 1
+    n = n_L.double()
+    n_pos_C = n[lo:hi].float()
+    prior_C = (n[lo:hi] / n.sum().clamp(min=1)).float()
+    keep_C = classes_C - lo
     out = []
     for start in range(0, len(count_FBL), chunk):
-        pos_fGC, all_fG = curves(count_FBL[start : start + chunk], n_L, classes_C)
-        prec_fGC = pos_fGC.cumsum(1) / all_fG.cumsum(1).clamp(min=1)[..., None]
-        out.append(((pos_fGC * prec_fGC).sum(1) / n_pos_C).float())
+        count_fBL = count_FBL[start : start + chunk]
+        pos_fBC = count_fBL[..., lo:hi].flip(1)
+        tp_fBC = pos_fBC.cumsum(1, dtype=torch.int32)
+        all_fB = count_fBL.sum(-1, dtype=torch.int32).flip(1).cumsum(1, dtype=torch.int32)
+        prec_fBC = tp_fBC.float() / all_fB.clamp(min=1).float()[..., None]
+        binned_fC = (pos_fBC.float() * prec_fBC).sum(1)
+        # The zero group keeps every unit: precision there is the class's prior.
+        zero_fC = (n_pos_C - tp_fBC[:, -1].float()) * prior_C
+        out.append(((binned_fC + zero_fC) / n_pos_C.clamp(min=1))[:, keep_C])
     return torch.cat(out)
 
 

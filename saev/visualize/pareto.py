@@ -163,15 +163,27 @@ def write_csv(path: pathlib.Path, points: list[Point], keys: list[str]) -> None:
             w.writerow([*row, *(p.settings.get(k, "") for k in keys), browser])
 
 
-def plot(out: pathlib.Path, points: list[Point], keys: list[str]) -> None:
-    """pareto.png, and pareto.svg with each point linking to its browser."""
+def plot(out: pathlib.Path, points: list[Point], keys: list[str], panels=()) -> None:
+    """pareto.png, and pareto.svg with each point linking to its browser; `panels` adds plots of
+    L0 against other metrics ((y label, {point name: value}), e.g. the label probe's mAP)."""
     import matplotlib
 
     matplotlib.use("Agg")
     matplotlib.rcParams["svg.fonttype"] = "none"  # labels stay text in the SVG (searchable)
     from matplotlib import pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(7 * (1 + len(panels)), 5), dpi=120)
+    ax = axes[0] if panels else axes
+    for extra, (ylabel, values) in zip(axes[1:] if panels else [], panels):
+        for kind in sorted({p.kind for p in points}):
+            mine = [p for p in points if p.kind == kind and p.name in values]
+            extra.scatter([p.l0 for p in mine], [values[p.name] for p in mine], label=kind)
+        for p in (p for p in points if p.name in values):
+            extra.annotate(label(p, keys), (p.l0, values[p.name]), fontsize=7, xytext=(4, 4),
+                           textcoords="offset points")  # fmt: skip
+        extra.set_xlabel("L0 (active latents per token)")
+        extra.set_ylabel(ylabel)
+        extra.grid(alpha=0.3)
     for kind in sorted({p.kind for p in points}):
         mine = [p for p in points if p.kind == kind]
         sc = ax.scatter([p.l0 for p in mine], [p.nmse for p in mine], label=kind, zorder=3)
@@ -226,5 +238,10 @@ def main(cfg) -> pathlib.Path:
     mark_front(points)
     keys = swept_keys(points)
     write_csv(out / "pareto.csv", points, keys)
-    plot(out, points, keys)
+    panels = []
+    if cfg.probe.enabled:
+        from saev.visualize import probe
+
+        panels.append(probe.pareto_panel(root, points))
+    plot(out, points, keys, panels)
     return out

@@ -310,3 +310,23 @@ def best_latents(result: LevelResult, j: int, n: int) -> list[tuple[int, float]]
     """(latent, AP) of the n best latents for scored class column j."""
     ap_S = result.ap_SC[:, j]
     return [(int(s), float(ap_S[s])) for s in np.argsort(-ap_S, kind="stable")[:n]]
+
+
+def pareto_panel(root: pathlib.Path | None, points) -> tuple[str, dict[str, float]]:
+    """`sweep=<dir> probe=true`: each SAE's probe mAP (patch level where there is one), read from
+    its browser's metrics.json (`<sae>/visuals`, written by `ckpt=<sae> probe=true`)."""
+    values, missing = {}, []
+    for p in points:
+        path = root / p.name / "visuals" / "metrics.json" if root is not None else None
+        section = json.loads(path.read_text()).get("probe", {}) if path and path.is_file() else {}
+        level = section.get("patch") or section.get("image")
+        if level is None:
+            missing.append(p.name)
+        else:
+            values[p.name] = float(level["map"])
+    if missing:
+        logger.warning(
+            "probe: %d SAEs have no probe results (visualize.py ckpt=<sae> probe=true): %s",
+            len(missing), ", ".join(missing[:5]),
+        )  # fmt: skip
+    return "label probe mAP (best latent per class)", values
