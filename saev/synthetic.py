@@ -49,13 +49,17 @@ class SyntheticConfig:
     directions) that fire only with it: one of them on half of its parent's tokens. The kind of
     data where Matryoshka SAEs should keep parents whole (no absorption of a parent into its
     children's latents). 0: a flat dictionary, every feature equally likely."""
+    labels: bool = False
+    """Patch labels (labels.bin, for label probes): each token's label is 1 + its strongest
+    true feature, whose coefficient is raised by 1.5 (into [2, 3]) so that it stands out of the
+    others ([0.5, 1.5]). Needs n_features <= 255 (a byte per label)."""
 
     def __post_init__(self):
         if self.dtype not in shards.DTYPE_ITEMSIZE:
             raise ValueError(f"dtype={self.dtype!r} must be one of {list(shards.DTYPE_ITEMSIZE)}.")
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
-            if f.name == "dtype":
+            if f.name in ("dtype", "labels"):
                 continue
             if f.name in ("noise", "offset", "seed", "children"):
                 if value < 0:
@@ -66,6 +70,8 @@ class SyntheticConfig:
             raise ValueError(
                 f"n_features={self.n_features} is not a multiple of 1 + children={self.children}."
             )
+        if self.labels and self.n_features > 255:
+            raise ValueError(f"labels=True needs n_features <= 255, got {self.n_features}.")
         if self.active > self.n_parents:
             raise ValueError(f"active={self.active} exceeds the {self.n_parents} parent features.")
 
@@ -93,10 +99,21 @@ def make_dictionary(cfg: SyntheticConfig) -> tuple[torch.Tensor, torch.Tensor]:
 def sample(cfg: SyntheticConfig, n: int, gen: torch.Generator) -> torch.Tensor:
     """`n` tokens [n, D]: the true features' coefficients (`coefficients`) times the dictionary,
     plus the offset and isotropic Gaussian noise."""
+    return sample_labelled(cfg, n, gen)[0]
+
+
+def sample_labelled(cfg: SyntheticConfig, n: int, gen: torch.Generator):
+    """`sample`'s tokens [n, D] and, with `labels`, each token's label [n] (1 + its strongest
+    feature, raised to stand out); labels None otherwise."""
     dict_FD, offset_D = make_dictionary(cfg)
     coef_NF = coefficients(cfg, n, gen)
+    labels_N = None
+    if cfg.labels:
+        labels_N = coef_NF.argmax(dim=-1)
+        coef_NF[torch.arange(n), labels_N] += 1.5
+        labels_N = labels_N + 1
     noise_ND = cfg.noise * torch.randn(n, cfg.d_model, generator=gen)
-    return coef_NF @ dict_FD + offset_D + noise_ND
+    return coef_NF @ dict_FD + offset_D + noise_ND, labels_N
 
 
 def coefficients(cfg: SyntheticConfig, n: int, gen: torch.Generator) -> torch.Tensor:
@@ -127,23 +144,31 @@ def write(dump_to: str | pathlib.Path, cfg: SyntheticConfig) -> pathlib.Path:
         dtype=cfg.dtype,
         n_examples=cfg.n_examples,
         examples_per_shard=cfg.examples_per_shard,
-        # A flat dictionary keeps the description (and so the directory) it had before
-        # hierarchies existed.
+        # A flat, unlabelled dictionary keeps the description (and so the directory) it had
+        # before hierarchies and labels existed.
         data={
             "name": "synthetic-sparse-dictionary",
-            **{k: v for k, v in dataclasses.asdict(cfg).items() if k != "children" or v},
+            **{
+                k: v
+                for k, v in dataclasses.asdict(cfg).items()
+                if k not in ("children", "labels") or v
+            },
+            **({"patch_labels": "labels.bin: 1 + strongest true feature"} if cfg.labels else {}),
         },
     )
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    with shards.ShardWriter(dump_to, md) as writer:
+    with shards.ShardWriter(dump_to, md, patch_labels=cfg.labels) as writer:
         # Regenerate from the start so a resumed write produces the same bytes.
         for start in range(0, cfg.n_examples, cfg.examples_per_shard):
             n = min(cfg.examples_per_shard, cfg.n_examples - start)
-            acts_ND = sample(cfg, n * cfg.n_patches, gen)
+            acts_ND, labels_N = sample_labelled(cfg, n * cfg.n_patches, gen)
             if start < writer.n_done:
                 continue
             acts_NLTD = acts_ND.view(n, 1, cfg.n_patches, cfg.d_model).numpy()
-            writer.add(acts_NLTD, [{"index": i} for i in range(start, start + n)])
+            labels_NP = None
+            if labels_N is not None:
+                labels_NP = labels_N.view(n, cfg.n_patches).numpy().astype(np.uint8)
+            writer.add(acts_NLTD, [{"index": i} for i in range(start, start + n)], labels_NP)
         root = writer.root
     np.save(root / DICTIONARY_NAME, make_dictionary(cfg)[0].numpy())
     return root
@@ -173,6 +198,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dump-to", required=True, help="parent directory of the shard directory")
     for f in dataclasses.fields(SyntheticConfig):
         flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action="store_true", help=f"default {f.default}")
+            continue
         parser.add_argument(
             flag, type=type(f.default), default=f.default, help=f"default {f.default}"
         )

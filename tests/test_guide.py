@@ -56,7 +56,7 @@ def test_every_guide_command_composes_as_written():
         # composition is checked here (the tiny variant runs below).
         filled = [re.sub(r"<[^>]+>", "placeholder", a) for a in real_args[2:]]
         name = script.removesuffix(".py")
-        try:
+        try:  # as the entry points do: switches (probe=true) first
             cli.check_command_line(cli.expand_switches(filled, name), ROOT / "conf", name)
         except SystemExit as err:
             pytest.fail(f"{real}: exit {err.code}")
@@ -120,9 +120,9 @@ def test_every_guide_command_runs_on_tiny_settings(tmp_path):
             assert (pathlib.Path(last) / "pareto.png").is_file()
     assert (pathlib.Path(variables["SAE"]) / "visuals" / "index.html").is_file()
     assert (tmp_path / "out" / "eval" / "metrics.json").is_file()
-    assert "splice" in json.loads(
-        (pathlib.Path(variables["SAE"]) / "visuals" / "metrics.json").read_text()
-    )
+    assert (tmp_path / "out" / "probe" / "probe.csv").is_file()
+    metrics = pathlib.Path(variables["SAE"]) / "visuals" / "metrics.json"
+    assert "splice" in json.loads(metrics.read_text())
     for snippet in re.findall(r"```python\n(.*?)```", GUIDE.read_text(), re.S):
         code = snippet.replace("<sae>", variables["SAE"]).replace("<shards>", variables["SHARDS"])
         res = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True)

@@ -46,11 +46,13 @@ function applyFilter() {
   const f0 = bound('freq-lo', -Infinity), f1 = bound('freq-hi', Infinity);
   const m0 = bound('mean-lo', -Infinity), m1 = bound('mean-hi', Infinity);
   const ids = document.getElementById('ids').value.split(/[\\s,]+/).filter(s => s !== '');
+  const box = document.getElementById('class'), cl = box ? box.value.toLowerCase() : '';
   let n = 0;
   rows.forEach(r => {
     const lf = Math.log10(Number(r.dataset.freq)), lm = Math.log10(Number(r.dataset.mean));
     const ok = lf >= f0 && lf <= f1 && lm >= m0 && lm <= m1 &&
-      (ids.length === 0 || ids.includes(r.dataset.id));
+      (ids.length === 0 || ids.includes(r.dataset.id)) &&
+      (cl === '' || (r.dataset.class || '').toLowerCase().includes(cl));
     r.style.display = ok ? '' : 'none';
     n += ok;
   });
@@ -87,6 +89,8 @@ class LatentView:
     images: list[ImageView]
     labels: list[tuple[int, int]]
     """(label, count) of its top patches where the shards carry per-patch labels (ADE20K)."""
+    classes: list[tuple[str, int, str, float]] = dataclasses.field(default_factory=list)
+    """(level, label, class name, AP) of its best classes by label probe (probe=true)."""
     effect: object | None = None
     """What zeroing it does inside the model (`faithfulness.Effect`), with splice=true."""
 
@@ -122,6 +126,13 @@ def latent_page(view: LatentView, prev_id: int | None, next_id: int | None) -> s
     if view.labels:
         labels = ", ".join(f'<span class="label">{lab}</span> ({n})' for lab, n in view.labels)
         parts.append(f'<p id="labels">Patch labels of its top tokens: {labels}</p>')
+    if view.classes:
+        best = ", ".join(
+            f'<a class="class" href="../classes/{lv}/{label}.html">{html.escape(name)}</a> '
+            f"(AP {a:.3f}, {lv})"
+            for lv, label, name, a in view.classes
+        )
+        parts.append(f'<p id="classes">Classes it detects best (label probe): {best}</p>')
     if not view.images:
         parts.append("<p>No images: this latent never fired on these shards.</p>")
     for im in view.images:
@@ -194,6 +205,7 @@ def scatter_svg(summary, chosen: list[int], width=640, height=360) -> str:
 
 
 def index_page(views: list[LatentView], summary, src, metrics: dict) -> str:
+    probed = any(v.classes for v in views)
     shown = ", ".join(
         f"{k} {metrics[k]:.4g}"
         for k in ("nmse", "explained_variance", "l0", "dead", "dense")
@@ -215,13 +227,18 @@ def index_page(views: list[LatentView], summary, src, metrics: dict) -> str:
         scatter_svg(summary, [v.latent for v in views]),
         '<p class="controls">log10 frequency <input id="freq-lo"> to <input id="freq-hi"> · '
         'log10 mean <input id="mean-lo"> to <input id="mean-hi"> · ids '
-        '<input id="ids" style="width:10em"> <span id="count"></span></p>',
+        '<input id="ids" style="width:10em">'
+        + (' · best class <input id="class">' if probed else "")
+        + ' <span id="count"></span></p>',
         '<table id="latents"><thead><tr><th data-key="id">latent</th>'
         '<th data-key="freq">frequency</th><th data-key="mean">mean</th>'
         '<th data-key="max">max</th>'
+        + ('<th data-key="ap">best class</th>' if probed else "")
         + ('<th data-key="drop">zero drop</th><th data-key="base">baseline</th>' if effects else "")
         + "<th>top image</th></tr></thead><tbody>",
     ]
+    if probed:
+        head.insert(-2, '<p><a href="classes/index.html">classes: best latents per class</a></p>')
     rows = []
     for v in views:
         thumb = ""
@@ -230,12 +247,16 @@ def index_page(views: list[LatentView], summary, src, metrics: dict) -> str:
             src_rel = im.heatmap or f"images/{im.example}.png"
             thumb = f'<img class="thumb" src="{src_rel}" alt="">'
         data, cells = "", ""
+        if probed:
+            _, _, name, a = v.classes[0] if v.classes else ("", 0, "", 0.0)
+            data += f' data-class="{html.escape(name)}" data-ap="{a:.6g}"'
+            cells += f'<td class="best-class">{html.escape(name)} ({a:.3f})</td>'
         if effects:
             e = v.effect
             drop = "" if e is None else f"{e.drop:.6g}"
             base = "" if e is None or e.baseline_drop is None else f"{e.baseline_drop:.6g}"
-            data = f' data-drop="{drop}" data-base="{base}"'
-            cells = (
+            data += f' data-drop="{drop}" data-base="{base}"'
+            cells += (
                 f"<td>{drop and f'{e.drop:.4g}'}</td><td>{base and f'{e.baseline_drop:.4g}'}</td>"
             )
         rows.append(

@@ -67,6 +67,21 @@ class WandbSource:
 
 
 @dataclasses.dataclass
+class ProbeConfig:
+    """Label probes (`probe=true`): which latents detect which class, against the ViT's neurons."""
+
+    enabled: bool = False
+    """Score every (latent, class) pair by average precision in the pass (needs labels.bin or
+    labels in examples.jsonl); writes probe.csv and metrics.json's probe section."""
+    memory_mb: int = 1024
+    """Budget of the per-(latent, bin, label) count histograms; sets the number of bins."""
+    latents_per_class: int = 3
+    """Best latents listed (and rendered) on each class's page."""
+    classes_per_latent: int = 3
+    """Best classes listed on each latent's page."""
+
+
+@dataclasses.dataclass
 class VisualizeConfig:
     ckpt: str | None = None
     """An SAE checkpoint directory (`<runs_root>/<run_id>/<sae>`): pass, metrics and browser."""
@@ -102,6 +117,7 @@ class VisualizeConfig:
     """Skip (and count) images that no longer exist instead of stopping at the first."""
     heatmap: HeatmapConfig = dataclasses.field(default_factory=HeatmapConfig)
     wandb: WandbSource = dataclasses.field(default_factory=WandbSource)
+    probe: ProbeConfig = dataclasses.field(default_factory=ProbeConfig)
 
     def __post_init__(self):
         pareto = self.sweep is not None or self.wandb.project is not None
@@ -113,11 +129,14 @@ class VisualizeConfig:
         positive["data.batch_size"] = self.data.batch_size
         for name in ("n_images", "batch_size", "intervention_images"):
             positive[f"splice.{name}"] = getattr(self.splice, name)
+        positive["probe.memory_mb"] = self.probe.memory_mb
         for name, value in positive.items():
             if value < 1:
                 raise ValueError(f"{name}={value} must be at least 1.")
         if self.n_latents < 0 or self.data.n_workers < 0:
             raise ValueError("n_latents and data.n_workers must be 0 or more.")
+        if self.probe.latents_per_class < 0 or self.probe.classes_per_latent < 0:
+            raise ValueError("probe.latents_per_class and probe.classes_per_latent must be >= 0.")
         if self.sort not in SORTS:
             raise ValueError(f"sort={self.sort!r} must be one of {list(SORTS)}.")
         for name in ("log_freq_range", "log_value_range"):

@@ -47,8 +47,9 @@ class PassInputs:
         tokens = cfg.data.tokens or trained.get("tokens") or "patches"
         return cls(ckpt, pathlib.Path(shard_root).absolute(), int(layer), tokens)
 
-    def key(self, top_k: int) -> dict:
-        """Identity of a pass; reading it touches no activations (only small JSON files)."""
+    def key(self, top_k: int, probe=None) -> dict:
+        """Identity of a pass; reading it touches no activations (only small JSON files). A pass
+        with label probes (`probe`, a ProbeConfig) also has their settings that change it."""
         with open(self.ckpt / WEIGHTS_NAME, "rb") as fd:
             weights = hashlib.file_digest(fd, "sha256").hexdigest()
         return {
@@ -58,7 +59,7 @@ class PassInputs:
             "layer": self.layer,
             "tokens": self.tokens,
             "top_k": top_k,
-        }
+        } | ({"probe": {"memory_mb": probe.memory_mb}} if probe and probe.enabled else {})
 
 
 def main(cfg: VisualizeConfig) -> pathlib.Path:
@@ -74,31 +75,39 @@ def main(cfg: VisualizeConfig) -> pathlib.Path:
     out_dir = pathlib.Path(cfg.out) if cfg.out else src.ckpt / "visuals"
     # Deferred: torch takes seconds to import, and the checks above should not wait for it.
     from saev import nn
-    from saev.visualize import statistics
+    from saev.visualize import probe, statistics
 
     device = statistics.device_of(cfg.device)
     sae = nn.load(src.ckpt, device)
-    key = src.key(cfg.top_k)
+    key = src.key(cfg.top_k, cfg.probe)
     prep = None
     if cfg.splice.enabled:  # the model, the layer and the images are checked before any write
         from saev.visualize import faithfulness
 
         prep = faithfulness.prepare(cfg, src, sae, device)
-        if cfg.force or faithfulness.cached(out_dir, prep.key(key)) is None:
+        # The model's figures do not depend on the probe's settings.
+        splice_key = prep.key(src.key(cfg.top_k))
+        if cfg.force or faithfulness.cached(out_dir, splice_key) is None:
             prep.vit  # noqa: B018 (built now: a model that cannot be built writes nothing)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise ValueError(f"cannot create out={out_dir} ({err.strerror}).") from None
     summary = None if cfg.force else statistics.load_cached(out_dir, key)
+    if summary is not None and cfg.probe.enabled and probe.load(out_dir) is None:
+        summary = None  # a save interrupted between the probe's files and the key
     if summary is None:
-        summary, metrics = statistics.run_pass(src, cfg, sae, device)
+        tracker = probe.for_pass(src, cfg, sae, device) if cfg.probe.enabled else None
+        summary, metrics = statistics.run_pass(src, cfg, sae, device, tracker)
+        if tracker is None:
+            probe.clear(out_dir)
+        else:
+            metrics["probe"] = probe.write(out_dir, tracker.finish())
         statistics.save(out_dir, key, summary, metrics, src)
     else:
         logger.info("pass cached in %s (force=true recomputes it)", statistics.cache_dir(out_dir))
     effects = None
     if prep is not None:
-        splice_key = prep.key(key)
         faithfulness.run(cfg, src, prep, sae, device, out_dir, splice_key)
         if cfg.render:
             from saev.visualize import render

@@ -176,52 +176,44 @@ def write_csv(path: pathlib.Path, points: list[Point], keys: list[str]) -> None:
             w.writerow([*row, *(p.settings.get(k, "") for k in keys), browser])
 
 
-def plot(out: pathlib.Path, points: list[Point], keys: list[str]) -> None:
-    """pareto.png, and pareto.svg with each point linking to its browser."""
+def plot(out: pathlib.Path, points: list[Point], keys: list[str], panels=()) -> None:
+    """pareto.png, and pareto.svg with each point linking to its browser; `panels` adds plots of
+    L0 against other metrics ((y label, {point name: value}), e.g. the label probe's mAP)."""
     import matplotlib
 
     matplotlib.use("Agg")
     matplotlib.rcParams["svg.fonttype"] = "none"  # labels stay text in the SVG (searchable)
     from matplotlib import pyplot as plt
 
-    spliced = [p for p in points if p.splice]
-    fig, axes = plt.subplots(1, 2 if spliced else 1, figsize=(13 if spliced else 7, 5), dpi=120)
-    ax = axes[0] if spliced else axes
-    _panel(ax, out, points, keys, lambda p: p.nmse, [p for p in points if p.on_front])
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(7 * (1 + len(panels)), 5), dpi=120)
+    ax = axes[0] if panels else axes
+    for extra, (ylabel, values) in zip(axes[1:] if panels else [], panels):
+        for kind in sorted({p.kind for p in points}):
+            mine = [p for p in points if p.kind == kind and p.name in values]
+            extra.scatter([p.l0 for p in mine], [values[p.name] for p in mine], label=kind)
+        for p in (p for p in points if p.name in values):
+            extra.annotate(label(p, keys), (p.l0, values[p.name]), fontsize=7, xytext=(4, 4),
+                           textcoords="offset points")  # fmt: skip
+        extra.set_xlabel("L0 (active latents per token)")
+        extra.set_ylabel(ylabel)
+        extra.grid(alpha=0.3)
+    for kind in sorted({p.kind for p in points}):
+        mine = [p for p in points if p.kind == kind]
+        sc = ax.scatter([p.l0 for p in mine], [p.nmse for p in mine], label=kind, zorder=3)
+        sc.set_urls([os.path.relpath(p.browser, out) if p.browser else None for p in mine])
+    front = sorted((p for p in points if p.on_front), key=lambda p: p.l0)
+    ax.plot([p.l0 for p in front], [p.nmse for p in front], "k--", lw=1, label="Pareto front")
+    for p in points:
+        ax.annotate(label(p, keys), (p.l0, p.nmse), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")  # fmt: skip
+    ax.set_xlabel("L0 (active latents per token)")
     ax.set_ylabel("normalized MSE")
     splits = sorted({p.split for p in points})
     ax.set_title(f"{len(points)} SAEs ({'/'.join(splits)} metrics)")
-    if spliced:
-        ax = axes[1]
-        recovered = lambda p: p.splice["recovered"]  # noqa: E731
-        front = [
-            p for p in spliced
-            if not any(q.l0 <= p.l0 and recovered(q) > recovered(p) for q in spliced)
-        ]  # fmt: skip
-        _panel(ax, out, spliced, keys, recovered, front)
-        ax.set_ylabel("recovered (spliced into the model; 1 = unchanged, 0 = mean ablation)")
-        ax.set_title(f"the SAE inside the model ({spliced[0].splice['n_images']} images)")
     fig.tight_layout()
     fig.savefig(out / "pareto.png")
     fig.savefig(out / "pareto.svg")
     plt.close(fig)
-
-
-def _panel(ax, out: pathlib.Path, points: list[Point], keys, y, front: list[Point]) -> None:
-    """L0 against `y(point)`: one color per kind, each point linking to its browser."""
-    for kind in sorted({p.kind for p in points}):
-        mine = [p for p in points if p.kind == kind]
-        sc = ax.scatter([p.l0 for p in mine], [y(p) for p in mine], label=kind, zorder=3)
-        sc.set_urls([os.path.relpath(p.browser, out) if p.browser else None for p in mine])
-    front = sorted(front, key=lambda p: p.l0)
-    ax.plot([p.l0 for p in front], [y(p) for p in front], "k--", lw=1, label="Pareto front")
-    for p in points:
-        ax.annotate(label(p, keys), (p.l0, y(p)), fontsize=7, xytext=(4, 4),
-                    textcoords="offset points")  # fmt: skip
-    ax.set_xlabel("L0 (active latents per token)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    ax.margins(x=0.2, y=0.1)  # room for the labels of the outermost points
 
 
 def wandb_runs(project: str, entity: str | None):
@@ -262,5 +254,15 @@ def main(cfg, splice_of=None) -> pathlib.Path:
     mark_front(points)
     keys = swept_keys(points)
     write_csv(out / "pareto.csv", points, keys)
-    plot(out, points, keys)
+    panels = []
+    if any(p.splice for p in points):
+        recovered = {p.name: p.splice["recovered"] for p in points if p.splice}
+        panels.append(
+            ("recovered (SAE inside the model; 1 = unchanged, 0 = mean ablation)", recovered)
+        )
+    if cfg.probe.enabled:
+        from saev.visualize import probe
+
+        panels.append(probe.pareto_panel(root, points))
+    plot(out, points, keys, panels)
     return out

@@ -292,8 +292,15 @@ def render(
     except KeyError:
         name = cfg.heatmap.colormap
         raise ValueError(f"heatmap.colormap={name!r} is not a matplotlib colormap.") from None
+    from saev.visualize import probe
+
     sh = RecordedExamples(src.shard_root, src.layer)
     chosen = choose(summary, cfg)
+    probed = probe.load(out_dir) if cfg.probe.enabled else None
+    if probed:  # each class's best latents get pages too
+        chosen += [
+            s for s in probe.featured(probed, cfg.probe.latents_per_class) if s not in chosen
+        ]
     imgs = Images(sh, cfg.data.root, cfg.skip_missing_images)
     tops = {s: top_images(summary, s, cfg.n_images) for s in chosen}
     crop_files = write_crops(
@@ -319,9 +326,15 @@ def render(
         views.append(
             browser.LatentView(
                 s, float(summary.freq_S[s]), float(summary.mean_S[s]), float(summary.max_S[s]),
-                shown, sh.patch_labels(summary, s), (effects or {}).get(s),
+                shown, sh.patch_labels(summary, s),
+                probe.top_classes(probed, s, cfg.probe.classes_per_latent) if probed else [],
+                (effects or {}).get(s),
             )
         )  # fmt: skip
     if imgs.n_missing:
         print(f"skipped {imgs.n_missing} missing images (skip_missing_images=true)")
     browser.write(out_dir, views, summary, src, cfg)
+    if probed:
+        from saev.visualize import probe_pages
+
+        probe_pages.write(out_dir, probed, views, cfg.probe.latents_per_class)

@@ -67,9 +67,12 @@ class LatentSummary:
 
 
 @torch.no_grad()
-def summarize(sae, batches, top_k: int, device) -> tuple[LatentSummary, dict[str, float]]:
+def summarize(
+    sae, batches, top_k: int, device, probe=None
+) -> tuple[LatentSummary, dict[str, float]]:
     """Stream `batches` (dicts with `act`, `example_idx`, `token_idx`) through `sae` once; returns
-    the per-latent summary and the SAE's metrics."""
+    the per-latent summary and the SAE's metrics. `probe` (a `saev.visualize.probe.Probe`) sees
+    every batch's activations and latents too."""
     from saev.train.metrics import SAEMetrics
 
     S = sae.cfg.d_sae
@@ -96,6 +99,8 @@ def summarize(sae, batches, top_k: int, device) -> tuple[LatentSummary, dict[str
         top_SK, pick_SK = torch.cat([top_SK, vals_Sk], dim=1).topk(top_k, dim=1)
         where_SM2 = torch.cat([where_SK2, where_Sk2], dim=1)
         where_SK2 = torch.gather(where_SM2, 1, pick_SK[..., None].expand(-1, -1, 2))
+        if probe is not None:
+            probe.update(batch, x_BD, f_BS)
     # A slot holding a token on which the latent did not fire (or none) is empty: it must not
     # point at an example, or the browser would show images that do not activate the latent.
     empty_SK = ~(top_SK > 0)
@@ -193,7 +198,9 @@ def device_of(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run_pass(src: PassInputs, cfg: VisualizeConfig, sae, device) -> tuple[LatentSummary, dict]:
+def run_pass(
+    src: PassInputs, cfg: VisualizeConfig, sae, device, probe=None
+) -> tuple[LatentSummary, dict]:
     from saev.data.loaders import OrderedLoader
 
     loader = OrderedLoader(
@@ -209,7 +216,7 @@ def run_pass(src: PassInputs, cfg: VisualizeConfig, sae, device) -> tuple[Latent
         from saev import cli
 
         with cli.progress(total=len(loader), unit="batch", desc="pass") as bar:
-            return summarize(sae, _counted(loader, bar), cfg.top_k, device)
+            return summarize(sae, _counted(loader, bar), cfg.top_k, device, probe)
     finally:
         loader.close()
 
