@@ -362,3 +362,10 @@ def test_a_sweep_with_splice_plots_l0_against_recovered(recording, trained, tmp_
     )
     assert cached["splice"]["n_images"] == N_IMAGES
     assert float(rows["job-0/good"]["cos"]) == pytest.approx(cached["splice"]["cos"], abs=1e-6)
+
+
+def test_recovered_is_undefined_where_mean_ablation_changes_nothing():
+    from saev.visualize import faithfulness
+
+    assert faithfulness.recovered(0.95, 0.8) == pytest.approx(0.75)
+    assert faithfulness.recovered(1.0, 1.0) is None  # the SAE's tokens never reach the output

@@ -216,7 +216,7 @@ def index_page(views: list[LatentView], summary, src, metrics: dict) -> str:
         shown += "<br>spliced into the model: " + ", ".join(
             f"{k} {sp[k]:.4g}"
             for k in ("cos", "cos_mean_ablation", "recovered", "top1_agreement", "kl")
-            if k in sp
+            if sp.get(k) is not None
         )
     effects = any(v.effect is not None for v in views)
     head = [

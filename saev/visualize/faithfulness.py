@@ -44,6 +44,8 @@ VERSION = 1
 """Part of the cache keys: raise it when the figures change meaning."""
 MATCH_WINDOW = 10
 """A baseline latent is drawn from the live latents this close in frequency rank."""
+MIN_GAP = 1e-6
+"""Below this 1 - cos_mean_ablation, `recovered` is undefined (None in metrics.json)."""
 MAX_RECORDED_ERROR = 0.02
 """Largest relative error between rebuilt and recorded activations (16-bit storage and TF32
 differ by ~1e-3; other weights differ by ~1)."""
@@ -218,10 +220,20 @@ def _variants(h_BTD, sae, pos_T, mean_D, seen: dict):
     return torch.cat(variants)
 
 
-def recovered(cos: float, cos_mean_ablation: float) -> float:
-    """How much of the way from mean ablation to the clean model the SAE goes (1: all of it)."""
+def recovered(cos: float, cos_mean_ablation: float) -> float | None:
+    """How much of the way from mean ablation to the clean model the SAE goes (1: all of it);
+    None when even mean ablation leaves the output unchanged: the SAE's tokens do not reach it
+    (e.g. the last block's patches under a CLS-pooled output), so there is nothing to recover."""
     gap = 1.0 - cos_mean_ablation
-    return (cos - cos_mean_ablation) / gap if gap > 0 else float("nan")
+    if gap <= MIN_GAP:
+        logger.warning(
+            "replacing the SAE's tokens by their mean leaves the model's output unchanged "
+            "(cos %.6f): those tokens do not reach it, so cos and recovered say nothing about "
+            "this SAE; splice an SAE of an earlier layer, or one trained on CLS",
+            cos_mean_ablation,
+        )
+        return None
+    return (cos - cos_mean_ablation) / gap
 
 
 def matched_latent(summary, latent: int) -> int | None:

@@ -171,7 +171,10 @@ def write_csv(path: pathlib.Path, points: list[Point], keys: list[str]) -> None:
             browser = os.path.relpath(p.browser, path.parent) if p.browser else ""
             row = [p.name, p.kind, f"{p.l0:.6g}", f"{p.nmse:.6g}"]
             if spliced:
-                row += [f"{p.splice[k]:.6g}" if p.splice else "" for k in extra]
+                row += [
+                    f"{p.splice[k]:.6g}" if p.splice and p.splice[k] is not None else ""
+                    for k in extra
+                ]
             row += [p.on_front, p.split]
             w.writerow([*row, *(p.settings.get(k, "") for k in keys), browser])
 
@@ -256,7 +259,11 @@ def main(cfg, splice_of=None) -> pathlib.Path:
     write_csv(out / "pareto.csv", points, keys)
     panels = []
     if any(p.splice for p in points):
-        recovered = {p.name: p.splice["recovered"] for p in points if p.splice}
+        recovered = {
+            p.name: p.splice["recovered"]
+            for p in points
+            if p.splice and p.splice["recovered"] is not None
+        }
         panels.append(
             ("recovered (SAE inside the model; 1 = unchanged, 0 = mean ablation)", recovered)
         )
