@@ -47,7 +47,7 @@ class SpliceConfig:
     its layer (saev.visualize.faithfulness)."""
 
     enabled: bool = False
-    """Run it: metrics.json's splice section, and zeroing each shown latent (latents.csv)."""
+    """Run it (`splice=true`): metrics.json's splice section, each shown latent zeroed."""
     n_images: int = 1024
     """Recorded images (a seeded sample, the same every run) that the evaluation runs."""
     batch_size: int = 32
@@ -182,6 +182,7 @@ def print_help() -> None:
         """
 usage: python visualize.py ckpt=<sae dir> [data.shard_root=... data.layer=...] [key=value ...]
        python visualize.py sweep=<sweep or runs dir>     L0 vs normalized MSE of every SAE
+       splice=true (short for splice.enabled=true): the SAE inside the ViT; probe=true: label probes
        the last line printed is the output directory (index.html, metrics.json; pareto.png)""",
         {},
         [("Options", cli.options(VisualizeConfig))],
