@@ -260,9 +260,9 @@ class _Loader:
             logger.warning(msg, n_bad)
 
     def start(self) -> None:
-        """Start the reader processes now (else on first iteration). They are forked, and a fork
-        in a process that already runs threads (DDP's process group, W&B) can leave the child
-        stuck on a lock another thread held: start them before those exist."""
+        """Start the reader processes now (else on first iteration), so that the first batch
+        does not wait for them. A forkserver starts them (saev.data.pipeline), so this is safe
+        whatever threads the process already runs."""
         if self._pipeline is None:
             source = Source(self.shard_set, self.layout, self.read)
             self._pipeline = Pipeline(

@@ -489,6 +489,10 @@ def map_slot(buf: mmap.mmap, slots_SRD: np.ndarray, slot: int, mapped: set) -> N
 
 def _worker_main(source: Source, shared: SharedBuffer, shape, dtype, tasks, results, main_pid):
     _die_with_parent(main_pid)
+    # SLURM sends a job's requeue signal (submitit's SIGUSR2) to every process of the step: it
+    # is for the main process, and would kill a worker (a forkserver's child has the default
+    # action, where a forked one inherited the main process's handler).
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     buf = shared.map
     shared.close()  # the mapping keeps the memory
     slots_SRD = np.frombuffer(buf, dtype=dtype).reshape(shape)
