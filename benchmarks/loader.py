@@ -194,10 +194,13 @@ def loader_epochs(
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
         distinct += [len(np.unique(ex)) for ex in examples]
+        if epoch == 0:  # the first epoch's CPU: the second's is the steady state's
+            first_cpu = {"main": cpu_seconds() - c0, "readers": reader_cpu_seconds(loader)}
         if cold and epoch == 0:
             evict(root)
         start = time.perf_counter()
     cpu = {"main": cpu_seconds() - c0, "readers": reader_cpu_seconds(loader)}
+    cpu |= {f"{k}_first": v for k, v in first_cpu.items()}
     loader.close()
     return seconds, rows, distinct, first_batch, cpu
 
@@ -270,6 +273,15 @@ def report(dtype, n_bytes, n_files, row_bytes, read, n_workers, got, args) -> No
         main = med(r["cpu"]["main"] / (2 * gb) for r in runs)
         readers = med(r["cpu"]["readers"] / (2 * gb) for r in runs)
         total = med((r["cpu"]["main"] + r["cpu"]["readers"]) / (2 * gb) for r in runs)
+        # The second epoch alone: what each further epoch of a long run costs.
+        steady = {
+            who: med((r["cpu"][who] - r["cpu"][f"{who}_first"]) / gb for r in runs)
+            for who in ("main", "readers")
+        }
+        steady_total = med(
+            sum(r["cpu"][who] - r["cpu"][f"{who}_first"] for who in ("main", "readers")) / gb
+            for r in runs
+        )
         distinct = med(d for r in runs for d in r["distinct"])
         extra = med(r["seconds"][0] - r["seconds"][1] for r in runs)
         print(
@@ -281,7 +293,9 @@ def report(dtype, n_bytes, n_files, row_bytes, read, n_workers, got, args) -> No
             f"epoch{second_note} {', '.join(f'{b / 1e9:.2f}' for b in second)} GB/s, median "
             f"{med(second) / raw_bw:.0%} of raw\n"
             f"    CPU s per GB: loader {total:.2f} (main {main:.2f} + readers {readers:.2f}) = "
-            f"{total / raw_cpu:.1f}x the raw read's {raw_cpu:.2f} | distinct examples per batch "
+            f"{total / raw_cpu:.1f}x the raw read's {raw_cpu:.2f}; second epoch alone "
+            f"{steady_total:.2f} (main {steady['main']:.2f} + readers {steady['readers']:.2f}) = "
+            f"{steady_total / raw_cpu:.1f}x\n    distinct examples per batch "
             f"{distinct:.0f} | first epoch - second {extra:.2f} s, first batch after "
             f"{med(r['first'] for r in runs):.2f} s"
         )

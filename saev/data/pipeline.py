@@ -281,9 +281,16 @@ class Source:
         # (numpy sums float16 in software, and torch's float16 sum is slower still.)
         return int(np.bitwise_and(x.view(np.uint16), 0x7FFF).max()) < HALF_EXPONENT[self.dtype]
 
-    def fill(self, units: np.ndarray, dst_RD: np.ndarray, perm_R: np.ndarray | None = None):
+    def fill(
+        self,
+        units: np.ndarray,
+        dst_RD: np.ndarray,
+        perm_R: np.ndarray | None = None,
+        verify: bool = True,
+    ):
         """Copy the rows of `units` (ascending) into `dst_RD`: row r of the fill goes to
-        `perm_R[r]`, or to r without a permutation. Returns `check`'s result."""
+        `perm_R[r]`, or to r without a permutation. Returns `check`'s result; without `verify`
+        (units already found finite), no NaN/inf check and `(0, None, None)`."""
         ex_U, start_U, len_U = self.layout.decode(units)
         file_U = np.searchsorted(self.starts, ex_U, side="right") - 1
         src_U = (ex_U - self.starts[file_U]) * self.n_layers + self.layout.sel.layer_i
@@ -297,7 +304,7 @@ class Source:
             else:  # the shuffle itself: scattering here spares the main process a gather
                 dst_RD[perm_R[r0:r1]] = src_rows
             # One sum per range while it is in cache: NaN, inf (and overflow) make it non-finite.
-            if not self._finite_sum(src_rows):
+            if verify and not self._finite_sum(src_rows):
                 suspect.append((r0, r1))
 
         # Merge units adjacent in the same file (ordered reading): one range each.
@@ -319,7 +326,7 @@ class Source:
                 i, r0, s0 = int(file_U[a]), int(dst_U[a]), int(src_U[a])
                 if self.read == "pread" and perm_R is None:  # straight into the slot
                     self._pread(i, s0, dst_RD[r0 : r0 + n])
-                    if not self._finite_sum(dst_RD[r0 : r0 + n]):
+                    if verify and not self._finite_sum(dst_RD[r0 : r0 + n]):
                         suspect.append((r0, r0 + n))
                     continue
                 for off, rows_RD in self._ranges(i, s0, n, dst_RD):
@@ -501,10 +508,10 @@ def _worker_main(source: Source, shared: SharedBuffer, shape, dtype, tasks, resu
         msg = tasks.get()
         if msg is None:
             return
-        gen, j, slot, units, perm_R = msg
+        gen, j, slot, units, perm_R, verify = msg
         map_slot(buf, slots_SRD, slot, mapped)
         try:
-            results.put((gen, j, source.fill(units, slots_SRD[slot], perm_R), None))
+            results.put((gen, j, source.fill(units, slots_SRD[slot], perm_R, verify), None))
         except BaseException:
             results.put((gen, j, None, traceback.format_exc()))
 
@@ -580,13 +587,14 @@ class Pipeline:
             self._outstanding -= 1
 
     def run(self, tasks):
-        """For each `(units, perm_R or None)` of the iterable `tasks`, fill a slot and yield
-        `(slot_RD, units, perm_R, fill_result)`, in order."""
+        """For each `(units, perm_R or None, verify)` of the iterable `tasks` (`Source.fill`'s
+        arguments), fill a slot and yield `(slot_RD, units, perm_R, verify, fill_result)`, in
+        order."""
         if self.n_workers == 0:
-            for j, (units, perm_R) in enumerate(tasks):
+            for j, (units, perm_R, verify) in enumerate(tasks):
                 map_slot(self._buf, self.slots, j % self.n_slots, self._mapped)
                 slot = self.slots[j % self.n_slots]
-                yield slot, units, perm_R, self.source.fill(units, slot, perm_R)
+                yield slot, units, perm_R, verify, self.source.fill(units, slot, perm_R, verify)
             return
         if not self._procs:
             self._start()
@@ -653,9 +661,9 @@ class Pipeline:
             msg = self._tasks.get_nowait()
         except queue.Empty:
             return False
-        g, k, slot, units, perm_R = msg
+        g, k, slot, units, perm_R, verify = msg
         map_slot(self._buf, self.slots, slot, self._mapped)
-        result = self.source.fill(units, self.slots[slot], perm_R)
+        result = self.source.fill(units, self.slots[slot], perm_R, verify)
         self._outstanding -= 1
         if g == gen:
             ready[k] = result
