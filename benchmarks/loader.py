@@ -1,4 +1,4 @@
-"""Shuffled-loader bandwidth against the raw read bandwidth of the same shard files (issue 3).
+"""Shuffled-loader bandwidth and CPU against a raw read of the same shard files (issues 3, 22).
 
     python benchmarks/loader.py                       # ~2 GB float32 and ~1 GB float16, 768-d
     python benchmarks/loader.py --dtypes float32 --buffer-mb 512
@@ -15,7 +15,8 @@ mapping the files and touching the buffer for the first time), their ratio, the 
 loader's second epoch (what a long training run sees), and the CPU time per GB of each (the
 loader's over both epochs: its main process, its reader processes and the forkserver that starts
 them, each read from /proc/<pid>/stat before the loader closes; the read's of the cheaper way),
-which depends much less than bandwidth on what else runs, and the start-up: how much longer the
+which depends much less than bandwidth on what else runs, the same for the second epoch alone
+(what each further epoch of a long run costs), and the start-up: how much longer the
 first epoch took than the second, and when its first batch came.
 Bandwidth is bytes of the shard files per second, so float16 numbers compare like with like
 (the loader hands out twice those bytes as float32, or the same bytes with --keep-16bit: what

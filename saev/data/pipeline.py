@@ -281,16 +281,16 @@ class Source:
         # (numpy sums float16 in software, and torch's float16 sum is slower still.)
         return int(np.bitwise_and(x.view(np.uint16), 0x7FFF).max()) < HALF_EXPONENT[self.dtype]
 
-    def fill(
-        self,
-        units: np.ndarray,
-        dst_RD: np.ndarray,
-        perm_R: np.ndarray | None = None,
-        verify: bool = True,
-    ):
+    def fill(self, units: np.ndarray, dst_RD: np.ndarray, perm_R: np.ndarray | None = None):
         """Copy the rows of `units` (ascending) into `dst_RD`: row r of the fill goes to
-        `perm_R[r]`, or to r without a permutation. Returns `check`'s result; without `verify`
-        (units already found finite), no NaN/inf check and `(0, None, None)`."""
+        `perm_R[r]`, or to r without a permutation. Returns `check`'s result."""
+        return self._fill(units, dst_RD, perm_R, verify=True)
+
+    def fill_unchecked(self, units: np.ndarray, dst_RD: np.ndarray, perm_R=None):
+        """`fill` without the NaN/inf check, for units already found finite: `(0, None, None)`."""
+        return self._fill(units, dst_RD, perm_R, verify=False)
+
+    def _fill(self, units: np.ndarray, dst_RD: np.ndarray, perm_R, verify: bool):
         ex_U, start_U, len_U = self.layout.decode(units)
         file_U = np.searchsorted(self.starts, ex_U, side="right") - 1
         src_U = (ex_U - self.starts[file_U]) * self.n_layers + self.layout.sel.layer_i
@@ -494,6 +494,11 @@ def map_slot(buf: mmap.mmap, slots_SRD: np.ndarray, slot: int, mapped: set) -> N
         pass
 
 
+def fill(source: Source, units, dst_RD, perm_R, verify: bool):
+    """`source.fill`, or without the NaN/inf check where `verify` is False."""
+    return (source.fill if verify else source.fill_unchecked)(units, dst_RD, perm_R)
+
+
 def _worker_main(source: Source, shared: SharedBuffer, shape, dtype, tasks, results, main_pid):
     _die_with_parent(main_pid)
     # SLURM sends a job's requeue signal (submitit's SIGUSR2) to every process of the step: it
@@ -511,7 +516,7 @@ def _worker_main(source: Source, shared: SharedBuffer, shape, dtype, tasks, resu
         gen, j, slot, units, perm_R, verify = msg
         map_slot(buf, slots_SRD, slot, mapped)
         try:
-            results.put((gen, j, source.fill(units, slots_SRD[slot], perm_R, verify), None))
+            results.put((gen, j, fill(source, units, slots_SRD[slot], perm_R, verify), None))
         except BaseException:
             results.put((gen, j, None, traceback.format_exc()))
 
@@ -594,7 +599,7 @@ class Pipeline:
             for j, (units, perm_R, verify) in enumerate(tasks):
                 map_slot(self._buf, self.slots, j % self.n_slots, self._mapped)
                 slot = self.slots[j % self.n_slots]
-                yield slot, units, perm_R, verify, self.source.fill(units, slot, perm_R, verify)
+                yield slot, units, perm_R, verify, fill(self.source, units, slot, perm_R, verify)
             return
         if not self._procs:
             self._start()
@@ -662,9 +667,11 @@ class Pipeline:
         except queue.Empty:
             return False
         g, k, slot, units, perm_R, verify = msg
-        map_slot(self._buf, self.slots, slot, self._mapped)
-        result = self.source.fill(units, self.slots[slot], perm_R, verify)
+        # No worker will answer this task now, even if the fill below raises (else _drain would
+        # wait for it forever).
         self._outstanding -= 1
+        map_slot(self._buf, self.slots, slot, self._mapped)
+        result = fill(self.source, units, self.slots[slot], perm_R, verify)
         if g == gen:
             ready[k] = result
         return True
