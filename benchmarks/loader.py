@@ -1,18 +1,23 @@
-"""Shuffled-loader bandwidth against the raw read bandwidth of the same shard files (issue 3).
+"""Shuffled-loader bandwidth and CPU against a raw read of the same shard files (issues 3, 22).
 
     python benchmarks/loader.py                       # ~2 GB float32 and ~1 GB float16, 768-d
     python benchmarks/loader.py --dtypes float32 --buffer-mb 512
     python benchmarks/loader.py --cold --dtypes float32   # the files evicted before every pass
     python benchmarks/loader.py --cold --gb 6 --memory-limit-gb 3   # shards larger than memory
+    python benchmarks/loader.py --baseline ../main   # another checkout's loader, interleaved
+    python benchmarks/loader.py --n-workers 1,2,4,8  # reader scaling
 
 Writes the shards once under --root (reused on later runs), warms the page cache, then prints for
 each dtype: the raw bandwidth (each whole file read into a fresh numpy array, the better of
 `np.fromfile` and a copy out of a memmap; median of --passes passes), the ShuffledLoader's
-bandwidth over one full epoch including its start-up (constructing it, forking the workers,
+bandwidth over one full epoch including its start-up (constructing it, starting the workers,
 mapping the files and touching the buffer for the first time), their ratio, the same for the
 loader's second epoch (what a long training run sees), and the CPU time per GB of each (the
-loader's over both epochs, workers included), which does not depend on what else runs, and the
-start-up: how much longer the first epoch took than the second, and when its first batch came.
+loader's over both epochs: its main process, its reader processes and the forkserver that starts
+them, each read from /proc/<pid>/stat before the loader closes; the read's of the cheaper way),
+which depends much less than bandwidth on what else runs, the same for the second epoch alone
+(what each further epoch of a long run costs), and the start-up: how much longer the
+first epoch took than the second, and when its first batch came.
 Bandwidth is bytes of the shard files per second, so float16 numbers compare like with like
 (the loader hands out twice those bytes as float32, or the same bytes with --keep-16bit: what
 a GPU run's host does, the GPU up-casting after the transfer).
@@ -23,6 +28,9 @@ loader epoch, so both read from the disk, as for shard sets larger than memory; 
 then the disk's sequential bandwidth through 16 MiB `read`s into one reused buffer. Each line
 --memory-limit-gb puts the benchmark into a memory cgroup of that size (root; as a SLURM job's
 limit does), so that shards larger than it cannot stay cached: the regime of terabyte sets.
+Every loader pass runs in a fresh subprocess (a fresh loader, as a training job has). With
+--baseline DIR, each pass also runs the loader of the checkout at DIR (PYTHONPATH=DIR), right
+after this one's, so that both see the same load; each gets its own lines.
 Each line also gives the distinct examples per batch (median over the epoch's batches; the
 shuffle quality that a faster read path must keep).
 """
@@ -30,16 +38,18 @@ shuffle quality that a faster read path must keep).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pathlib
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
 
 from saev import shards
-from saev.data.loaders import ShuffledLoader
 from saev.data.pipeline import READS, resolve_read
 
 N_PATCHES = 196  # ViT-B/16 at 224 px
@@ -92,12 +102,33 @@ def limit_memory(gb: float) -> None:
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process and its reaped children (the loader's workers), user + system."""
-    own, kids = (
-        resource.getrusage(resource.RUSAGE_SELF),
-        resource.getrusage(resource.RUSAGE_CHILDREN),
-    )
-    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+    """CPU time of this process, user + system (its reader processes are counted apart)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    return own.ru_utime + own.ru_stime
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process (Linux /proc), children excluded."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def reader_cpu_seconds(loader) -> float:
+    """CPU time of the loader's reader processes and of the forkserver that started them (if
+    any), read while they live: forkserver workers are not this process's children, so no
+    getrusage here would count them."""
+    from multiprocessing import forkserver
+
+    pids = [p.pid for p in loader._pipeline._procs] if loader._pipeline else []
+    server = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+    total = 0.0
+    for pid in pids + ([server] if server else []):
+        try:
+            total += proc_cpu_seconds(pid)
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+    return total
 
 
 def raw_pass(paths: list[pathlib.Path], how: str) -> float:
@@ -137,10 +168,13 @@ def loader_epochs(
     files are evicted before each epoch."""
     import torch
 
+    from saev.data.loaders import ShuffledLoader
+
     to_device = device != "cpu"
     seconds, rows, distinct = [], [], []
     if cold:
         evict(root)
+    c0 = cpu_seconds()
     start = time.perf_counter()
     loader = ShuffledLoader(
         root, 0, batch_size, "patches", seed=seed, n_workers=n_workers, buffer_mb=buffer_mb,
@@ -161,45 +195,116 @@ def loader_epochs(
             torch.cuda.synchronize()
         seconds.append(time.perf_counter() - start)
         distinct += [len(np.unique(ex)) for ex in examples]
+        if epoch == 0:  # the first epoch's CPU: the second's is the steady state's
+            first_cpu = {"main": cpu_seconds() - c0, "readers": reader_cpu_seconds(loader)}
         if cold and epoch == 0:
             evict(root)
         start = time.perf_counter()
+    cpu = {"main": cpu_seconds() - c0, "readers": reader_cpu_seconds(loader)}
+    cpu |= {f"{k}_first": v for k, v in first_cpu.items()}
     loader.close()
-    return seconds, rows, distinct, first_batch
+    return seconds, rows, distinct, first_batch, cpu
 
 
-def measure(root, paths, n_bytes: int, row_bytes: int, args):
-    """Bandwidths (bytes/s) of raw passes and loader epochs, and CPU seconds per GB of each.
+def loader_pass(args, seed: int, pythonpath: str | None) -> dict:
+    """`loader_epochs` in a fresh subprocess that imports saev from `pythonpath` (else this
+    checkout's)."""
+    path = pythonpath or str(pathlib.Path(__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": path}
+    job = {k: str(v) for k, v in vars(args).items()} | {"seed": seed}
+    out = subprocess.run(
+        [sys.executable, __file__, "--one-pass", json.dumps(job)],
+        env=env, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"loader pass ({path}) failed:\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
-    Raw passes and loader epochs alternate: other processes share this machine, so the two
-    measurements should see the same load.
-    """
+
+def one_pass(job: dict) -> None:
+    """The --one-pass subprocess: one fresh loader's two epochs, as JSON on stdout."""
+    seconds, rows, distinct, first_batch, cpu = loader_epochs(
+        pathlib.Path(job["root"]), int(job["batch_size"]), int(job["buffer_mb"]),
+        int(job["n_workers"]), int(job["seed"]), job["device"], job["cold"] == "True",
+        job["read"], job["keep_16bit"] != "True",
+    )  # fmt: skip
+    print(
+        json.dumps(dict(seconds=seconds, rows=rows, distinct=distinct, first=first_batch, cpu=cpu))
+    )
+
+
+def measure(root, paths, n_bytes: int, args, n_workers: int) -> dict:
+    """Per pass: the raw reads (bandwidth, CPU s/GB) and, for this checkout and --baseline, one
+    fresh loader's two epochs. Raw passes and loaders alternate: other processes share this
+    machine, so all should see the same load."""
     hows = ["read16"] if args.cold else ["fromfile", "memmap"]
-    raw, loader_bw, cpu = {how: [] for how in hows}, [], {"raw": [], "loader": []}
-    steady_bw, distinct, startup = [], [], {"extra": [], "first_batch": []}
+    impls = {"this": None} | ({"baseline": args.baseline} if args.baseline else {})
+    raw = {how: {"bw": [], "cpu": []} for how in hows}
+    runs = {name: [] for name in impls}
+    job = argparse.Namespace(**{**vars(args), "root": root, "n_workers": n_workers})
     for seed in range(args.passes):
-        for how in raw:
+        for how in hows:
             if args.cold:
                 evict(root)
             c0 = cpu_seconds()
-            raw[how].append(n_bytes / raw_pass(paths, how))
-            cpu["raw"].append((cpu_seconds() - c0) / (n_bytes / 1e9))
-        c0 = cpu_seconds()
-        seconds, rows, batch_distinct, first_batch = loader_epochs(
-            root, args.batch_size, args.buffer_mb, args.n_workers, seed, args.device, args.cold,
-            args.read, not args.keep_16bit,
-        )  # fmt: skip
-        distinct += batch_distinct
-        cpu["loader"].append((cpu_seconds() - c0) / (2 * n_bytes / 1e9))
-        assert all(n * row_bytes == n_bytes for n in rows)  # every activation, each epoch
-        loader_bw.append(n_bytes / seconds[0])
-        steady_bw.append(n_bytes / seconds[1])
-        startup["extra"].append(seconds[0] - seconds[1])
-        startup["first_batch"].append(first_batch)
-    return raw, loader_bw, steady_bw, cpu, distinct, startup
+            raw[how]["bw"].append(n_bytes / raw_pass(paths, how))
+            raw[how]["cpu"].append((cpu_seconds() - c0) / (n_bytes / 1e9))
+        for name, pythonpath in impls.items():
+            runs[name].append(loader_pass(job, seed, pythonpath))
+    return {"raw": raw, "runs": runs}
+
+
+def report(dtype, n_bytes, n_files, row_bytes, read, n_workers, got, args) -> None:
+    med = statistics.median
+    raw = {how: (med(v["bw"]), med(v["cpu"])) for how, v in got["raw"].items()}
+    raw_bw = max(bw for bw, _ in raw.values())
+    raw_cpu = min(cpu for _, cpu in raw.values())  # the cheapest read: the strictest reference
+    gb = n_bytes / 1e9
+    cold = " (cold)" if args.cold else ""
+    reads = ", ".join(
+        f"{how} {bw / 1e9:.2f} GB/s at {cpu:.2f} CPU s/GB" for how, (bw, cpu) in raw.items()
+    )
+    print(f"{dtype}{cold}: {gb:.2f} GB in {n_files} files | raw read: {reads}")
+    # fadvise cannot drop pages that the workers keep mapped: mmap's second epoch is cached.
+    second_note = "; files may stay cached, mapped" if args.cold and read == "mmap" else ""
+    for name, runs in got["runs"].items():
+        assert all(n * row_bytes == n_bytes for r in runs for n in r["rows"])  # every activation
+        first = [n_bytes / r["seconds"][0] for r in runs]
+        second = [n_bytes / r["seconds"][1] for r in runs]
+        main = med(r["cpu"]["main"] / (2 * gb) for r in runs)
+        readers = med(r["cpu"]["readers"] / (2 * gb) for r in runs)
+        total = med((r["cpu"]["main"] + r["cpu"]["readers"]) / (2 * gb) for r in runs)
+        # The second epoch alone: what each further epoch of a long run costs.
+        steady = {
+            who: med((r["cpu"][who] - r["cpu"][f"{who}_first"]) / gb for r in runs)
+            for who in ("main", "readers")
+        }
+        steady_total = med(
+            sum(r["cpu"][who] - r["cpu"][f"{who}_first"] for who in ("main", "readers")) / gb
+            for r in runs
+        )
+        distinct = med(d for r in runs for d in r["distinct"])
+        extra = med(r["seconds"][0] - r["seconds"][1] for r in runs)
+        print(
+            f"  [{name}] ShuffledLoader, {n_workers} workers, buffer {args.buffer_mb} MB, batch "
+            f"{args.batch_size}, read {read}{', 16-bit batches' if args.keep_16bit else ''}, "
+            f"into {args.device}\n"
+            f"    first epoch (start-up included) {', '.join(f'{b / 1e9:.2f}' for b in first)} "
+            f"GB/s, median {med(first) / 1e9:.2f} = {med(first) / raw_bw:.0%} of raw | second "
+            f"epoch{second_note} {', '.join(f'{b / 1e9:.2f}' for b in second)} GB/s, median "
+            f"{med(second) / raw_bw:.0%} of raw\n"
+            f"    CPU s per GB: loader {total:.2f} (main {main:.2f} + readers {readers:.2f}) = "
+            f"{total / raw_cpu:.1f}x the raw read's {raw_cpu:.2f}; second epoch alone "
+            f"{steady_total:.2f} (main {steady['main']:.2f} + readers {steady['readers']:.2f}) = "
+            f"{steady_total / raw_cpu:.1f}x\n    distinct examples per batch "
+            f"{distinct:.0f} | first epoch - second {extra:.2f} s, first batch after "
+            f"{med(r['first'] for r in runs):.2f} s"
+        )
 
 
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--one-pass":
+        return one_pass(json.loads(sys.argv[2]))
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", default="/tmp/saev-bench-shards", type=pathlib.Path)
     parser.add_argument("--gb", default=2.0, type=float, help="size of the float32 shards")
@@ -207,7 +312,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="float32,float16")
     parser.add_argument("--batch-size", default=16384, type=int)
     parser.add_argument("--buffer-mb", default=512, type=int)
-    parser.add_argument("--n-workers", default=2, type=int)
+    parser.add_argument("--n-workers", default="2", help="a comma-separated list: reader scaling")
     parser.add_argument("--passes", default=3, type=int)
     parser.add_argument("--device", default="cpu", help="copy each batch into it (cuda: to GPU)")
     parser.add_argument("--cold", action="store_true", help="evict the files before every pass")
@@ -216,9 +321,10 @@ def main() -> None:
         "--keep-16bit", action="store_true", help="16-bit batches, as for a GPU (which up-casts)"
     )
     parser.add_argument("--memory-limit-gb", type=float, help="run inside a memory cgroup (root)")
+    parser.add_argument("--baseline", help="also run the loader of the checkout at this path")
     args = parser.parse_args()
     if args.memory_limit_gb:
-        limit_memory(args.memory_limit_gb)
+        limit_memory(args.memory_limit_gb)  # the loader subprocesses inherit the cgroup
     limit = f", memory limit {args.memory_limit_gb} GiB" if args.memory_limit_gb else ""
     print(f"load average {os.getloadavg()}, {os.cpu_count()} CPUs{limit}")
     for dtype in args.dtypes.split(","):
@@ -229,30 +335,10 @@ def main() -> None:
         if not args.cold:
             raw_pass(paths, "fromfile")  # warm the page cache
         row_bytes = args.d_model * shards.DTYPE_ITEMSIZE[dtype]
-        raw, loader_bw, steady_bw, cpu, distinct, startup = measure(
-            root, paths, n_bytes, row_bytes, args
-        )
         read = resolve_read(args.read, shards.open_shards(root))
-        # fadvise cannot drop pages that the workers keep mapped: mmap's second epoch is cached.
-        second_note = "; files may stay cached, mapped" if args.cold and read == "mmap" else ""
-        raw_bw = max(statistics.median(v) for v in raw.values())
-        med = statistics.median(loader_bw)
-        raws = ", ".join(f"{how} {statistics.median(v) / 1e9:.2f}" for how, v in raw.items())
-        print(
-            f"{dtype}{' (cold)' if args.cold else ''}: {n_bytes / 1e9:.2f} GB in {len(paths)} "
-            f"files | raw read ({raws}) -> {raw_bw / 1e9:.2f} GB/s | "
-            f"ShuffledLoader epochs {', '.join(f'{b / 1e9:.2f}' for b in loader_bw)} GB/s, median "
-            f"{med / 1e9:.2f} GB/s = {med / raw_bw:.0%} of raw | buffer {args.buffer_mb} MB, "
-            f"{args.n_workers} workers, batch {args.batch_size}, into {args.device}, read "
-            f"{read}{', 16-bit batches' if args.keep_16bit else ''}\n  second epoch of the same "
-            f"loader (start-up paid{second_note}): "
-            f"{', '.join(f'{b / 1e9:.2f}' for b in steady_bw)} GB/s, median "
-            f"{statistics.median(steady_bw) / raw_bw:.0%} of raw | CPU s per GB: raw "
-            f"{statistics.median(cpu['raw']):.2f}, loader {statistics.median(cpu['loader']):.2f}"
-            f" | distinct examples per batch {statistics.median(distinct):.0f}\n  start-up: "
-            f"first epoch - second {statistics.median(startup['extra']):.2f} s, first batch after"
-            f" {statistics.median(startup['first_batch']):.2f} s"
-        )
+        for n_workers in [int(n) for n in args.n_workers.split(",")]:
+            got = measure(root, paths, n_bytes, args, n_workers)
+            report(dtype, n_bytes, len(paths), row_bytes, read, n_workers, got, args)
     print(f"load average {os.getloadavg()}")
 
 

@@ -274,6 +274,31 @@ def test_skip_nonfinite_drops_and_counts(tmp_path):
     np.testing.assert_array_equal(act, stored[ex, 1, tok])
 
 
+def test_units_are_checked_once_and_poisoned_ones_every_epoch(tmp_path, monkeypatch):
+    """The NaN/inf check reads every byte: once a fill found its units finite, later epochs do
+    not check them again, but units with non-finite rows are checked, and dropped, each epoch."""
+    root, stored = make_shards(tmp_path)
+    _poison(root, 0, 1, 3)
+    sums = []
+    finite_sum = Source._finite_sum
+    monkeypatch.setattr(
+        Source, "_finite_sum", lambda self, x: sums.append(len(x)) or finite_sum(self, x)
+    )
+    # Fills of 3 examples (15 rows): one of them holds the poisoned unit.
+    kw = dict(n_workers=0, buffer_mb=0.0005, skip_nonfinite=True)
+    with ShuffledLoader(root, -1, 10, **kw) as loader:
+        rows_checked = []
+        for epoch in range(3):
+            sums.clear()
+            _, act, ex, tok = collect(loader)
+            rows_checked.append(sum(sums))
+            assert loader.n_nonfinite == epoch + 1
+            assert len(ex) == 23 * 5 - 1 and (1, 3) not in set(zip(ex.tolist(), tok.tolist()))
+            np.testing.assert_array_equal(act, stored[ex, 1, tok])
+    assert rows_checked[0] >= 23 * 5  # every row, the first epoch
+    assert 0 < rows_checked[1] <= 15 and 0 < rows_checked[2] <= 15  # the poisoned unit's fill
+
+
 def test_abandoned_epoch_then_full_epoch(tmp_path):
     root, _ = make_shards(tmp_path, n_examples=60)
     with ShuffledLoader(root, 3, 4, n_workers=2, buffer_mb=0.002) as loader:

@@ -157,8 +157,8 @@ class ShardDataModule(L.LightningDataModule):
         return self._val_loader
 
     def start_readers(self) -> None:
-        """Build the loaders and fork their reader processes now, before the process group and
-        W&B start threads (see `_Loader.start`); inside `trainer.fit` they learn their rank."""
+        """Build the loaders and start their reader processes now, so that the first step does
+        not wait for them; inside `trainer.fit` they learn their rank."""
         self.train_dataloader().start()
         val = self.val_dataloader()
         if val:

@@ -7,8 +7,10 @@ files into the slots of one shared-memory shuffle buffer, each to its shuffled r
   its ranges first (`WILLNEED`) so that the disk has many requests in flight, by `mmap` when the
   files fit in half the memory and by `pread` otherwise, checking for NaN/inf while rows are in
   cache;
-- `Pipeline` runs the workers (forked processes; the main process fills a slot itself rather than
-  wait) and hands slots back in task order.
+- `Pipeline` runs the workers (processes started by a forkserver, so that no thread of the main
+  process can leave a lock held in them; the main process fills a slot itself rather than wait)
+  and hands slots back in task order. The slots live in one shared-memory file (`SharedBuffer`)
+  that the workers map through a descriptor passed at start.
 
 Why it is built this way, the shuffle's quality and the measured figures: docs/architecture.md,
 "Loading".
@@ -21,15 +23,16 @@ import logging
 import math
 import mmap
 import multiprocessing as mp
+import multiprocessing.reduction
 import os
 import pathlib
 import queue
 import signal
 import threading
 import traceback
+import weakref
 
 import numpy as np
-import torch
 
 from saev import shards
 from saev.data.config import READS, TOKENS
@@ -46,8 +49,8 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 SCRATCH_BYTES = 2**20  # pread's bounce buffer: a shuffled range stays in L2 for its scatter
 HAS_FADVISE = hasattr(os, "posix_fadvise")  # not on macOS: no prefetch there
 FORK_WITH_THREADS = (
-    "Forking loader workers while other threads run (%s): a worker could inherit a lock one of "
-    "them holds and hang. Start the loaders (ShardDataModule.start_readers) before such threads."
+    "Starting loader workers while other threads run (%s): through a forkserver, so that none of "
+    "their locks is inherited."
 )
 
 
@@ -187,11 +190,29 @@ class Source:
         self.dtype, self.n_layers, self.n_tokens = md.dtype, md.n_layers, md.n_tokens_per_example
         self.row_bytes = md.d_model * shards.DTYPE_ITEMSIZE[md.dtype]
         self.starts = np.array([f.first_example for f in shard_set.files], dtype=np.int64)
+        # Read here, not at each use: a worker's module is imported afresh (forkserver), so
+        # these travel with the Source (tests shrink them to reach every path).
+        self.small_run_bytes, self.scratch_bytes = SMALL_RUN_BYTES, SCRATCH_BYTES
         allow_open_files(len(shard_set.files))
+        self._open_nothing()
+
+    def _open_nothing(self) -> None:
         self._flat: dict[int, np.ndarray] = {}
         self._fds: dict[int, int] = {}
         self._maps: dict[int, mmap.mmap] = {}
         self._scratch_RD: np.ndarray | None = None
+
+    def __getstate__(self) -> dict:
+        """What a worker needs to open the files itself (descriptors and maps stay here)."""
+        state = self.__dict__.copy()
+        for key in ("_flat", "_fds", "_maps", "_scratch_RD"):
+            del state[key]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        allow_open_files(len(self.shard_set.files))
+        self._open_nothing()
 
     def _rows_of(self, i: int) -> np.ndarray:
         """Shard i as a read-only `[examples * layers * tokens, d_model]` view."""
@@ -244,7 +265,7 @@ class Source:
             yield 0, self._rows_of(i)[row0 : row0 + n_rows]
             return
         if self._scratch_RD is None or self._scratch_RD.shape[1:] != like_RD.shape[1:]:
-            rows = max(1, SCRATCH_BYTES // self.row_bytes)
+            rows = max(1, self.scratch_bytes // self.row_bytes)
             self._scratch_RD = np.empty((rows, *like_RD.shape[1:]), dtype=like_RD.dtype)
         step = len(self._scratch_RD)
         for a in range(0, n_rows, step):
@@ -263,6 +284,13 @@ class Source:
     def fill(self, units: np.ndarray, dst_RD: np.ndarray, perm_R: np.ndarray | None = None):
         """Copy the rows of `units` (ascending) into `dst_RD`: row r of the fill goes to
         `perm_R[r]`, or to r without a permutation. Returns `check`'s result."""
+        return self._fill(units, dst_RD, perm_R, verify=True)
+
+    def fill_unchecked(self, units: np.ndarray, dst_RD: np.ndarray, perm_R=None):
+        """`fill` without the NaN/inf check, for units already found finite: `(0, None, None)`."""
+        return self._fill(units, dst_RD, perm_R, verify=False)
+
+    def _fill(self, units: np.ndarray, dst_RD: np.ndarray, perm_R, verify: bool):
         ex_U, start_U, len_U = self.layout.decode(units)
         file_U = np.searchsorted(self.starts, ex_U, side="right") - 1
         src_U = (ex_U - self.starts[file_U]) * self.n_layers + self.layout.sel.layer_i
@@ -276,7 +304,7 @@ class Source:
             else:  # the shuffle itself: scattering here spares the main process a gather
                 dst_RD[perm_R[r0:r1]] = src_rows
             # One sum per range while it is in cache: NaN, inf (and overflow) make it non-finite.
-            if not self._finite_sum(src_rows):
+            if verify and not self._finite_sum(src_rows):
                 suspect.append((r0, r1))
 
         # Merge units adjacent in the same file (ordered reading): one range each.
@@ -285,7 +313,7 @@ class Source:
         last = np.r_[first[1:], len(units)] - 1
         n_rows_G = dst_U[last] + len_U[last] - dst_U[first]
         self.prefetch(file_U[first], src_U[first], n_rows_G)
-        if len_U.max() * self.row_bytes < SMALL_RUN_BYTES:
+        if len_U.max() * self.row_bytes < self.small_run_bytes:
             # Short runs (CLS only): one vectorized gather per file out of its memmap, instead
             # of a loop of tiny copies or preads (only the rows' pages are mapped).
             src_R = np.repeat(src_U - dst_U, len_U) + np.arange(n_rows)
@@ -298,7 +326,7 @@ class Source:
                 i, r0, s0 = int(file_U[a]), int(dst_U[a]), int(src_U[a])
                 if self.read == "pread" and perm_R is None:  # straight into the slot
                     self._pread(i, s0, dst_RD[r0 : r0 + n])
-                    if not self._finite_sum(dst_RD[r0 : r0 + n]):
+                    if verify and not self._finite_sum(dst_RD[r0 : r0 + n]):
                         suspect.append((r0, r0 + n))
                     continue
                 for off, rows_RD in self._ranges(i, s0, n, dst_RD):
@@ -326,9 +354,13 @@ class Source:
         return len(bad), where, finite_R
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def _die_with_parent(main_pid: int) -> None:
     """Have the kernel kill this worker when the process that started it dies (SIGKILL, OOM):
-    otherwise an orphaned worker waits forever on its task queue, holding memory and maps."""
+    otherwise an orphaned worker waits forever on its task queue, holding memory and maps.
+
+    The parent is the forkserver, which exits when the main process dies (its pipe from the main
+    process closes); the check after prctl covers a main process that died before it took effect.
+    """
     try:
         import ctypes
 
@@ -336,8 +368,108 @@ def _die_with_parent(parent_pid: int) -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: the daemon flag covers clean exits only
         pass
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+    try:
+        os.kill(main_pid, 0)
+    except ProcessLookupError:
         os._exit(1)
+    if os.getppid() == 1:  # the forkserver died before prctl took effect
+        os._exit(1)
+    # The forkserver exits when the last holder of its "alive" pipe does: the main process, and
+    # every process it forked, which keeps a copy so as to start processes of its own. A worker
+    # starts none: without its copy, a dead main process takes the forkserver, and so (through
+    # PDEATHSIG) this worker, with it.
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    alive_fd = getattr(server, "_forkserver_alive_fd", None)
+    if alive_fd is not None:
+        os.close(alive_fd)
+        server._forkserver_alive_fd = None
+
+
+class SharedBuffer:
+    """Memory that the main process and its workers map: an anonymous shared-memory file
+    (`memfd`, else an unlinked file in /dev/shm), handed to workers as a descriptor.
+
+    Workers are not forked from the main process (`Pipeline._start`), so they cannot inherit a
+    mapping; a descriptor needs no name that a killed process would leave behind. Pickling one
+    (as a worker's argument) sends the descriptor with it (`DupFd`, as multiprocessing's own
+    shared arenas do).
+    """
+
+    def __init__(self, n_bytes: int, fd: int | None = None):
+        self.n_bytes = n_bytes
+        if fd is None:
+            fd = _anonymous_shm_fd()
+            os.ftruncate(fd, n_bytes)
+        self.fd = fd
+        self._close_fd = weakref.finalize(self, os.close, fd)
+        self.map = mmap.mmap(fd, n_bytes)  # MAP_SHARED
+
+    def __reduce__(self):
+        return _attach_buffer, (self.n_bytes, multiprocessing.reduction.DupFd(self.fd))
+
+    def close(self) -> None:
+        """Close the descriptor (the mapping keeps the memory, but no worker can attach)."""
+        self._close_fd()
+        self.fd = -1
+
+
+def _attach_buffer(n_bytes: int, dup) -> SharedBuffer:
+    return SharedBuffer(n_bytes, dup.detach())
+
+
+def _anonymous_shm_fd() -> int:
+    if hasattr(os, "memfd_create"):
+        return os.memfd_create("saev-shuffle-buffer", os.MFD_CLOEXEC)
+    import tempfile
+
+    fd, name = tempfile.mkstemp(
+        prefix="saev-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
+    )
+    os.unlink(name)
+    return fd
+
+
+READER_NAME = "saev-reader"
+
+
+def _start_context():
+    """A forkserver: a clean single-threaded process, started by fork + exec, that forks the
+    workers. A plain fork copies only the calling thread, so a lock that another thread (W&B, a
+    process group, a job before this one) holds at that moment stays held in the child forever;
+    spawn is as safe but imports numpy afresh in every worker."""
+    methods = mp.get_all_start_methods()
+    ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if ctx.get_start_method() == "forkserver":
+        from multiprocessing import forkserver
+
+        if forkserver._forkserver._forkserver_pid is None:  # before it starts: what it imports
+            ctx.set_forkserver_preload([__name__])
+    _readers_skip_main()
+    return ctx
+
+
+def _readers_skip_main() -> None:
+    """Have multiprocessing not re-run `__main__` in a reader, as it does for every process it
+    does not fork: a reader needs nothing from it (its target lives here), and a script or
+    notebook cell without an `if __name__ == "__main__"` guard would run again in each reader.
+    Only processes named READER_NAME are affected."""
+    from multiprocessing import spawn
+
+    if getattr(spawn.get_preparation_data, "_skips_main", False):
+        return
+    prepare = spawn.get_preparation_data
+
+    def preparation_data(name):
+        data = prepare(name)
+        if name.startswith(READER_NAME):
+            data.pop("init_main_from_name", None)
+            data.pop("init_main_from_path", None)
+        return data
+
+    preparation_data._skips_main = True
+    spawn.get_preparation_data = preparation_data
 
 
 def map_slot(buf: mmap.mmap, slots_SRD: np.ndarray, slot: int, mapped: set) -> None:
@@ -362,21 +494,29 @@ def map_slot(buf: mmap.mmap, slots_SRD: np.ndarray, slot: int, mapped: set) -> N
         pass
 
 
-def _worker_main(
-    source: Source, buf: mmap.mmap, slots_SRD: np.ndarray, tasks, results, parent_pid: int
-) -> None:
-    _die_with_parent(parent_pid)
-    # One intra-op thread: the parallelism is across workers, and OpenMP is not fork-safe.
-    torch.set_num_threads(1)
-    mapped: set[int] = set()  # page tables are per process: a fork starts with none mapped
+def fill(source: Source, units, dst_RD, perm_R, verify: bool):
+    """`source.fill`, or without the NaN/inf check where `verify` is False."""
+    return (source.fill if verify else source.fill_unchecked)(units, dst_RD, perm_R)
+
+
+def _worker_main(source: Source, shared: SharedBuffer, shape, dtype, tasks, results, main_pid):
+    _die_with_parent(main_pid)
+    # SLURM sends a job's requeue signal (submitit's SIGUSR2) to every process of the step: it
+    # is for the main process, and would kill a worker (a forkserver's child has the default
+    # action, where a forked one inherited the main process's handler).
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    buf = shared.map
+    shared.close()  # the mapping keeps the memory
+    slots_SRD = np.frombuffer(buf, dtype=dtype).reshape(shape)
+    mapped: set[int] = set()  # page tables are per process: a new one starts with none mapped
     while True:
         msg = tasks.get()
         if msg is None:
             return
-        gen, j, slot, units, perm_R = msg
+        gen, j, slot, units, perm_R, verify = msg
         map_slot(buf, slots_SRD, slot, mapped)
         try:
-            results.put((gen, j, source.fill(units, slots_SRD[slot], perm_R), None))
+            results.put((gen, j, fill(source, units, slots_SRD[slot], perm_R, verify), None))
         except BaseException:
             results.put((gen, j, None, traceback.format_exc()))
 
@@ -388,8 +528,9 @@ class Pipeline:
         self.source, self.d_model, self.slot_rows = source, d_model, slot_rows
         self.n_slots, self.n_workers = n_slots, n_workers
         storage = np.dtype(shards.NUMPY_STORAGE_DTYPE[source.dtype])
-        # MAP_SHARED anonymous memory: forked workers write into the same pages.
-        self._buf = mmap.mmap(-1, n_slots * slot_rows * d_model * storage.itemsize)
+        # Shared memory that the workers map too (SharedBuffer), so they write into these pages.
+        self._shared = SharedBuffer(n_slots * slot_rows * d_model * storage.itemsize)
+        self._buf = self._shared.map
         self.slots = np.frombuffer(self._buf, dtype=storage).reshape(n_slots, slot_rows, d_model)
         self._procs: list = []
         self._mapped: set[int] = set()  # slots mapped into this (the main) process
@@ -405,19 +546,26 @@ class Pipeline:
         ]
 
     def _start(self) -> None:
-        # Forked (ms to start, like torch's DataLoader workers on Linux). A fork copies only the
-        # calling thread, and a lock another thread held stays held in the child, so workers
-        # start before other threads exist (`saev.train.job` starts them first; a job's threads
-        # end with it, for the next job of an in-process multirun); an info line names any (not a
-        # warning: a notebook kernel always runs threads, and torch's DataLoader forks there too).
+        # Started by a forkserver (_start_context), never forked from here: safe whatever threads
+        # this process runs (a notebook kernel, W&B, a process group, the job before this one of
+        # an in-process multirun). An info line still names them, for whoever debugs a start.
         others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
         if others:
             logger.info(FORK_WITH_THREADS, ", ".join(others))
-        ctx = mp.get_context("fork")
+        ctx = _start_context()
         self._tasks, self._results = ctx.Queue(), ctx.Queue()
+        shape, dtype = self.slots.shape, self.slots.dtype
         for _ in range(self.n_workers):
-            args = (self.source, self._buf, self.slots, self._tasks, self._results, os.getpid())
-            p = ctx.Process(target=_worker_main, args=args, daemon=True)
+            args = (
+                self.source,
+                self._shared,
+                shape,
+                dtype,
+                self._tasks,
+                self._results,
+                os.getpid(),
+            )
+            p = ctx.Process(target=_worker_main, args=args, name=READER_NAME, daemon=True)
             p.start()
             self._procs.append(p)
 
@@ -444,13 +592,14 @@ class Pipeline:
             self._outstanding -= 1
 
     def run(self, tasks):
-        """For each `(units, perm_R or None)` of the iterable `tasks`, fill a slot and yield
-        `(slot_RD, units, perm_R, fill_result)`, in order."""
+        """For each `(units, perm_R or None, verify)` of the iterable `tasks` (`Source.fill`'s
+        arguments), fill a slot and yield `(slot_RD, units, perm_R, verify, fill_result)`, in
+        order."""
         if self.n_workers == 0:
-            for j, (units, perm_R) in enumerate(tasks):
+            for j, (units, perm_R, verify) in enumerate(tasks):
                 map_slot(self._buf, self.slots, j % self.n_slots, self._mapped)
                 slot = self.slots[j % self.n_slots]
-                yield slot, units, perm_R, self.source.fill(units, slot, perm_R)
+                yield slot, units, perm_R, verify, fill(self.source, units, slot, perm_R, verify)
             return
         if not self._procs:
             self._start()
@@ -517,10 +666,12 @@ class Pipeline:
             msg = self._tasks.get_nowait()
         except queue.Empty:
             return False
-        g, k, slot, units, perm_R = msg
-        map_slot(self._buf, self.slots, slot, self._mapped)
-        result = self.source.fill(units, self.slots[slot], perm_R)
+        g, k, slot, units, perm_R, verify = msg
+        # No worker will answer this task now, even if the fill below raises (else _drain would
+        # wait for it forever).
         self._outstanding -= 1
+        map_slot(self._buf, self.slots, slot, self._mapped)
+        result = fill(self.source, units, self.slots[slot], perm_R, verify)
         if g == gen:
             ready[k] = result
         return True
