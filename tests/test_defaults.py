@@ -22,9 +22,12 @@ train_config.register()
 
 
 def test_default_lr_rule():
-    assert default_lr(2**14) == pytest.approx(2e-3)
-    assert default_lr(2048) == pytest.approx(2e-3 * 8**0.5)
-    assert default_lr(2**16) == pytest.approx(1e-3)
+    assert default_lr(2**14, "topk") == pytest.approx(2e-3)
+    assert default_lr(2**16, "relu") == pytest.approx(1e-3)
+    # Capped for narrow TopK-family SAEs, where the rule's steps would churn the dictionary.
+    assert default_lr(4096, "batchtopk") == pytest.approx(4e-3)
+    assert default_lr(2048, "topk") == default_lr(96, "batchtopk") == default_lr(1, "topk") == 5e-3
+    assert default_lr(256, "jumprelu") == default_lr(256, "relu") == pytest.approx(2e-3 * 8)
 
 
 def test_default_lr_is_resolved_recorded_and_used(tmp_path):
@@ -47,13 +50,13 @@ def test_default_lr_is_resolved_recorded_and_used(tmp_path):
     named = lambda c, n: dataclasses.replace(c, name=n)
     run = training.train([named(ruled, "ruled"), named(given, "given")])
     job = {c["name"]: c for c in json.loads((run / "job.json").read_text())}
-    assert job["ruled"]["lr"] == pytest.approx(default_lr(32))
+    assert job["ruled"]["lr"] == pytest.approx(default_lr(32, "topk"))
     assert job["given"]["lr"] == 1e-3  # an explicit lr wins
     config = json.loads((run / "ruled" / "config.json").read_text())
-    assert config["train"]["lr"] == pytest.approx(default_lr(32))
+    assert config["train"]["lr"] == pytest.approx(default_lr(32, "topk"))
     rows = [r.split(",") for r in (run / "ruled" / "metrics.csv").read_text().splitlines()[1:]]
     lrs = [float(v) for _, k, v in rows if k == "train/lr"]
-    assert lrs[-1] == pytest.approx(default_lr(32))
+    assert lrs[-1] == pytest.approx(default_lr(32, "topk"))
 
 
 def test_dead_window_follows_the_run_length_unless_given():
@@ -105,13 +108,16 @@ def test_batchtopk_and_matryoshka_defaults_recover_a_superposed_dictionary():
             sae_cfg = OmegaConf.to_object(cfg).sae.resolve(32)
             saes[kind] = SAE(sae_cfg)
             saes[kind].set_norm(mean_D, scale)
-    opts = {n: torch.optim.Adam(s.parameters(), lr=default_lr(512)) for n, s in saes.items()}
+    opts = {
+        n: torch.optim.Adam(s.parameters(), lr=default_lr(512, "batchtopk"))
+        for n, s in saes.items()
+    }
     for step in range(1_000_000 // 512):
         x_BD = synthetic.sample(syn, 512, gen)
         for name, sae in saes.items():
             sae.init_b_dec_(x_BD)
             for group in opts[name].param_groups:  # lr_warmup_steps=100, as conf/train.yaml
-                group["lr"] = default_lr(512) * min(1.0, (step + 1) / 100)
+                group["lr"] = default_lr(512, "batchtopk") * min(1.0, (step + 1) / 100)
             loss = sae(x_BD, may_be_dead=False).loss  # 1M tokens < dead_after_tokens
             opts[name].zero_grad()
             loss.backward()

@@ -16,24 +16,34 @@ from typing import Any
 from omegaconf import MISSING
 
 from saev.data.config import DataConfig
-from saev.nn.config import SAEConfig, dead_after
+from saev.nn.config import TOPK_FAMILY, SAEConfig, dead_after
 
 PER_SAE_KEYS = ("name", "sae", "lr", "lr_warmup_steps", "grad_clip", "seed")
 """Settings that touch only one SAE and its optimizer; they may differ within one job."""
 PRECISIONS = ("32", "bf16-mixed")
 LR_AT_16K = 2e-3
 """Default Adam learning rate at d_sae = 2^14; see `default_lr`."""
+LR_MAX_TOPK = 5e-3
+"""The most `default_lr` gives a TopK-family SAE (the rule's value at d_sae ~2600)."""
 
 
-def default_lr(d_sae: int) -> float:
-    """The learning rate when `lr` is not given: LR_AT_16K * sqrt(2^14 / d_sae).
+def default_lr(d_sae: int, activation: str) -> float:
+    """The learning rate when `lr` is not given: LR_AT_16K * sqrt(2^14 / d_sae), and for the
+    TopK family (topk, batchtopk, Matryoshka) at most LR_MAX_TOPK.
 
     Gao et al. 2024 (sec. 2.2 and fig. 11) find the best Adam lr falls as 1/sqrt(n_latents);
     sparsify uses 5e-3 * sqrt(2^14 / d_sae), dictionary_learning 2e-4 / sqrt(d_sae / 2^14). The
     constant sits between them; on benchmarks/recovery.py, every kind recovers >= 90% of the
     true features with it in a short budget (4e-4 flat recovered 8.9% at d_sae 2048).
+
+    The cap: Gao et al. fit the rule on wide TopK SAEs; carried down to d_sae 96 it gives 2.6e-2,
+    where Adam's steps churn the unit decoder rows so much that a TopK or BatchTopK dictionary as
+    wide as its features loses 5-19% of them; 5e-3 recovers 88-100% there (docs/training.md,
+    "The learning rate's cap"). JumpReLU keeps the rule: its thresholds need the larger steps in
+    a short run (26.6% of the features at 5e-3, >= 90% at the rule's 1.6e-2, d_sae 256).
     """
-    return LR_AT_16K * (2**14 / d_sae) ** 0.5
+    lr = LR_AT_16K * (2**14 / d_sae) ** 0.5
+    return min(lr, LR_MAX_TOPK) if activation in TOPK_FAMILY else lr
 
 
 @dataclasses.dataclass
@@ -77,8 +87,9 @@ class TrainConfig:
     name: str | None = None
     """Directory name of this SAE in the run; None gives '<index>-<kind>[-swept values]'."""
     lr: float | None = None
-    """Adam learning rate; None: `default_lr(d_sae)` (scaled with width as 1/sqrt(d_sae)),
-    recorded here once d_sae is known (job.json and each SAE's config.json hold the value)."""
+    """Adam learning rate; None: `default_lr(d_sae, activation)` (1/sqrt(d_sae), capped at 5e-3
+    for the TopK family), recorded here once d_sae is known (job.json and each SAE's config.json
+    hold the value)."""
     lr_warmup_steps: int = 100
     """Steps of linear learning-rate warmup from 0."""
     grad_clip: float = 1.0
@@ -117,7 +128,7 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.lr is None and getattr(self.sae, "d_sae", None) is not None:
-            self.lr = default_lr(self.sae.d_sae)
+            self.lr = default_lr(self.sae.d_sae, self.sae.activation)
         if isinstance(self.sae, SAEConfig) and self.sae.dead_after_tokens is None:
             # Recorded as resolved (job.json, config.json), like lr.
             self.sae = dataclasses.replace(self.sae, dead_after_tokens=dead_after(self.n_train))

@@ -37,7 +37,7 @@ class Member:
     name: str
     sae: SAEConfig
     lr: float | None
-    """Adam learning rate; None: the width rule `default_lr(sae.d_sae)`."""
+    """Adam learning rate; None: the width rule `default_lr(sae.d_sae, sae.activation)`."""
     lr_warmup_steps: int
     grad_clip: float
     """Max gradient norm of this SAE's parameters; 0 disables clipping."""
@@ -92,7 +92,7 @@ class SAEModule(L.LightningModule):
         groups = [
             {
                 "params": list(sae.parameters()),
-                "lr": default_lr(m.sae.d_sae) if m.lr is None else m.lr,
+                "lr": default_lr(m.sae.d_sae, m.sae.activation) if m.lr is None else m.lr,
             }
             for sae, m in zip(self.saes, self.members)
         ]
