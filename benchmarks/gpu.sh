@@ -6,7 +6,7 @@
 #      1024, d_sae 16384, batch 16384, bf16-mixed, torch.compile), each beside the bf16 matmul
 #      floor measured in the same process, and 8 SAEs batched against one by one;
 #   3. the shuffled loader's bandwidth into the GPU, and cold and cached for 1, 2, 4 and 8
-#      reader processes (issues 12, 22: scaling with cores, which a 2-core machine cannot show);
+#      reader threads (issues 12, 22: scaling with cores, which a 2-core machine cannot show);
 #   4. recording against the bare ViT forward pass;
 #   5. the spliced evaluation (issue 20) against three bare forwards.
 #
@@ -62,7 +62,7 @@ echo "== spliced evaluation against three bare forwards (issue 20)"
 run 60 $PY benchmarks/splice.py --device "$DEVICE" --ckpt vit_base_patch16_224 --n-images 512 --batch-size 64
 echo "== 8 same-shape SAEs as one batched group against one by one (the job setting batched)"
 run 100 $PY benchmarks/train.py "${STEP[@]}" --skip sparsify module --batched-kinds relu topk
-echo "== loader, cold page cache and cached, by reader processes (issue 22: 1, 2, 4, 8)"
+echo "== loader, cold page cache and cached, by reader threads (issue 22: 1, 2, 4, 8)"
 run 80 $PY benchmarks/loader.py --cold --n-workers 1,2,4,8 "${LOADER[@]}" --dtypes float32 --passes 1
 run 50 $PY benchmarks/loader.py --n-workers 1,2,4,8 "${LOADER[@]}" --dtypes float32 --passes 1
 echo "gpu.sh done in $((SECONDS - t0)) s"

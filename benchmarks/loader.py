@@ -10,11 +10,12 @@
 Writes the shards once under --root (reused on later runs), warms the page cache, then prints for
 each dtype: the raw bandwidth (each whole file read into a fresh numpy array, the better of
 `np.fromfile` and a copy out of a memmap; median of --passes passes), the ShuffledLoader's
-bandwidth over one full epoch including its start-up (constructing it, starting the workers,
+bandwidth over one full epoch including its start-up (constructing it, starting the readers,
 mapping the files and touching the buffer for the first time), their ratio, the same for the
 loader's second epoch (what a long training run sees), and the CPU time per GB of each (the
-loader's over both epochs: its main process, its reader processes and the forkserver that starts
-them, each read from /proc/<pid>/stat before the loader closes; the read's of the cheaper way),
+loader's over both epochs: its reader threads, each read from /proc/self/task/<tid>/stat before
+the loader closes, and its main thread, the rest of the process's; for a --baseline checkout whose
+readers are processes, those and the forkserver that starts them; the read's of the cheaper way),
 which depends much less than bandwidth on what else runs, the same for the second epoch alone
 (what each further epoch of a long run costs), and the start-up: how much longer the
 first epoch took than the second, and when its first batch came.
@@ -102,33 +103,43 @@ def limit_memory(gb: float) -> None:
 
 
 def cpu_seconds() -> float:
-    """CPU time of this process, user + system (its reader processes are counted apart)."""
+    """CPU time of this process, user + system, all its threads (reader threads included)."""
     own = resource.getrusage(resource.RUSAGE_SELF)
     return own.ru_utime + own.ru_stime
 
 
-def proc_cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a live process (Linux /proc), children excluded."""
-    with open(f"/proc/{pid}/stat") as f:
+def stat_cpu_seconds(path: str) -> float:
+    """User + system CPU time in a Linux /proc stat file (a process's or a thread's)."""
+    with open(path) as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def reader_cpu_seconds(loader) -> float:
-    """CPU time of the loader's reader processes and of the forkserver that started them (if
-    any), read while they live: forkserver workers are not this process's children, so no
-    getrusage here would count them."""
+def loader_cpu_seconds(loader, c0: float) -> dict[str, float]:
+    """CPU seconds since `c0` (`cpu_seconds()` before the loader was built) of the loader's
+    readers and of the rest ("main": the main thread, its fills instead of waiting included),
+    read while the readers live. Reader threads are this process's: their time is taken out of
+    the process's. A --baseline checkout's reader processes (and the forkserver that started
+    them) are not this process's children, so no getrusage here counts them: read apart."""
+    pipe, own = loader._pipeline, cpu_seconds() - c0
+    if pipe is None or hasattr(pipe, "_threads"):
+        readers = 0.0
+        for t in pipe._threads if pipe else []:
+            try:
+                readers += stat_cpu_seconds(f"/proc/self/task/{t.native_id}/stat")
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+        return {"main": own - readers, "readers": readers}
     from multiprocessing import forkserver
 
-    pids = [p.pid for p in loader._pipeline._procs] if loader._pipeline else []
     server = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
-    total = 0.0
-    for pid in pids + ([server] if server else []):
+    readers = 0.0
+    for pid in [p.pid for p in pipe._procs] + ([server] if server else []):
         try:
-            total += proc_cpu_seconds(pid)
+            readers += stat_cpu_seconds(f"/proc/{pid}/stat")
         except (FileNotFoundError, ProcessLookupError):
             pass
-    return total
+    return {"main": own, "readers": readers}
 
 
 def raw_pass(paths: list[pathlib.Path], how: str) -> float:
@@ -162,7 +173,7 @@ def loader_epochs(
     upcast=True,
 ):
     """Seconds for a fresh loader's first epoch (its start-up included) and for its second
-    epoch (workers, memory maps and buffer already set up), the rows served per epoch, the
+    epoch (readers, memory maps and buffer already set up), the rows served per epoch, the
     distinct examples of each batch, and the seconds until the first batch; with a CUDA
     `device`, each batch is also copied into it (the bandwidth into the GPU); with `cold`, the
     files are evicted before each epoch."""
@@ -196,11 +207,11 @@ def loader_epochs(
         seconds.append(time.perf_counter() - start)
         distinct += [len(np.unique(ex)) for ex in examples]
         if epoch == 0:  # the first epoch's CPU: the second's is the steady state's
-            first_cpu = {"main": cpu_seconds() - c0, "readers": reader_cpu_seconds(loader)}
+            first_cpu = loader_cpu_seconds(loader, c0)
         if cold and epoch == 0:
             evict(root)
         start = time.perf_counter()
-    cpu = {"main": cpu_seconds() - c0, "readers": reader_cpu_seconds(loader)}
+    cpu = loader_cpu_seconds(loader, c0)
     cpu |= {f"{k}_first": v for k, v in first_cpu.items()}
     loader.close()
     return seconds, rows, distinct, first_batch, cpu
@@ -265,7 +276,7 @@ def report(dtype, n_bytes, n_files, row_bytes, read, n_workers, got, args) -> No
         f"{how} {bw / 1e9:.2f} GB/s at {cpu:.2f} CPU s/GB" for how, (bw, cpu) in raw.items()
     )
     print(f"{dtype}{cold}: {gb:.2f} GB in {n_files} files | raw read: {reads}")
-    # fadvise cannot drop pages that the workers keep mapped: mmap's second epoch is cached.
+    # fadvise cannot drop pages that the readers keep mapped: mmap's second epoch is cached.
     second_note = "; files may stay cached, mapped" if args.cold and read == "mmap" else ""
     for name, runs in got["runs"].items():
         assert all(n * row_bytes == n_bytes for r in runs for n in r["rows"])  # every activation

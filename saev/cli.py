@@ -47,8 +47,7 @@ def progress(**kw):
     """A tqdm bar on stderr, drawn only when stderr is a terminal."""
     from tqdm import tqdm
 
-    # tqdm's monitor thread (started even by a disabled bar) outlives the bar: a later job of an
-    # in-process multirun would fork its loader workers beside it (saev.data.loaders).
+    # tqdm's monitor thread (started even by a disabled bar) would outlive the bar, and the job.
     tqdm.monitor_interval = 0
     kw.setdefault("file", sys.stderr)
     kw.setdefault("dynamic_ncols", True)

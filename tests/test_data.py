@@ -289,15 +289,15 @@ def test_single_thread_copy_matches_torch_copy(dtype, n_rows):
 
 
 def test_readers_start_before_training_and_learn_their_rank_later(tmp_path, monkeypatch):
-    """The reader processes are forked in start_readers (before DDP's and W&B's threads exist:
-    a fork beside running threads can leave the child stuck on a lock); the rank comes later."""
+    """The reader threads start in start_readers, so that the first step does not wait for them;
+    the rank comes later."""
     root, _ = make_shards(tmp_path, n_examples=30)
     dm = ShardDataModule(cfg_for(root, batch_size=16, n_workers=1))
     dm.setup("fit")
     dm.start_readers()
     train, val = dm._train_loader, dm._val_loader
-    assert train._pipeline._procs and all(p.is_alive() for p in train._pipeline._procs)
-    assert val._pipeline._procs
+    assert train._pipeline._threads and all(t.is_alive() for t in train._pipeline._threads)
+    assert val._pipeline._threads
     monkeypatch.setattr(datamodule, "_dist", lambda: (1, 2))  # inside trainer.fit under DDP
     assert dm.train_dataloader() is train and (train.rank, train.world_size) == (1, 2)
     assert dm.val_dataloader() is val and (val.rank, val.batch_size) == (1, 8)

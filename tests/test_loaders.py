@@ -1,9 +1,7 @@
 """ShuffledLoader / OrderedLoader: exactly-once epochs, file contents, dtypes, shuffling, NaN."""
 
 import math
-import mmap
 import os
-import queue
 import threading
 
 import numpy as np
@@ -19,7 +17,7 @@ from saev.data.pipeline import Layout, NonFiniteError, Source, select
 
 @pytest.fixture(autouse=True)
 def many_cpus(monkeypatch):
-    """Start the n_workers processes the tests ask for, however few CPUs this machine has."""
+    """Start the n_workers reader threads the tests ask for, however few CPUs this machine has."""
     monkeypatch.setattr(loaders, "_usable_cpus", lambda: 64)
 
 
@@ -373,70 +371,18 @@ def test_batches_are_pinned_and_copy_to_the_gpu_asynchronously(tmp_path):
     )
 
 
-def test_process_cap_keeps_the_order(tmp_path, monkeypatch):
-    """Fewer processes than n_workers (few CPUs) read the same batches in the same order."""
+def test_reader_cap_keeps_the_order(tmp_path, monkeypatch):
+    """Fewer readers than n_workers (few CPUs) read the same batches in the same order."""
     root, _ = make_shards(tmp_path)
     runs = []
     for cpus in (64, 2, 1):
         monkeypatch.setattr(loaders, "_usable_cpus", lambda cpus=cpus: cpus)
         with ShuffledLoader(root, 3, 16, seed=1, n_workers=3, buffer_mb=0.004) as loader:
-            assert loader.n_procs == min(3, max(1, cpus - 1))
+            assert loader.n_readers == min(3, max(1, cpus - 1))
             runs.append(collect(loader)[1:])
     for run in runs[1:]:
         for a, b in zip(runs[0], run):
             np.testing.assert_array_equal(a, b)
-
-
-@pytest.mark.parametrize("advice", ["works", "fails"])
-def test_prefaulting_the_buffer_keeps_exactly_once(tmp_path, monkeypatch, advice):
-    """The main process maps pages of slots that a worker may be filling at the same time."""
-    root, stored = make_shards(tmp_path, n_examples=60, d_model=64)
-    monkeypatch.setattr(pipeline, "PREFAULT_BYTES", 4 * mmap.PAGESIZE)
-    if advice == "fails":  # a kernel without MADV_POPULATE_*: EINVAL, the writes fault pages in
-        monkeypatch.setattr(pipeline, "MADV_POPULATE_WRITE", -1)
-        monkeypatch.setattr(pipeline, "MADV_POPULATE_READ", -1)
-    with ShuffledLoader(root, 3, 50, "all", seed=2, n_workers=1, buffer_mb=0.25) as loader:
-        loader.start()
-        fresh, slot_bytes = loader._pipeline._fresh, loader._pipeline.slots[0].nbytes
-        # In the order slots are first filled, from the middle of slot 0 (a worker maps its start).
-        assert [a for a, _ in fresh] == sorted(a for a, _ in fresh)
-        assert fresh[0][0] == slot_bytes // 2 // mmap.PAGESIZE * mmap.PAGESIZE
-        assert fresh[-1][0] + fresh[-1][1] == len(loader._pipeline._buf)
-        for _ in range(2):
-            _, act, ex, tok = collect(loader)
-            assert sorted(zip(ex.tolist(), tok.tolist())) == [
-                (e, t) for e in range(60) for t in range(6)
-            ]
-            np.testing.assert_array_equal(act, stored[ex, 0, tok])
-        assert loader._pipeline._fresh == []
-
-
-def test_map_slot_maps_once_and_keeps_the_contents():
-    """A process maps a slot once, in one page-aligned call covering it; the pages keep what
-    another process wrote."""
-    page = mmap.PAGESIZE
-    slot_bytes = page + 904  # slots that do not start or end on a page boundary
-
-    class Recording(mmap.mmap):
-        calls: list = []
-
-        def madvise(self, advice, start, length):
-            self.calls.append((advice, start, length))
-            return super().madvise(advice, start, length)
-
-    buf = Recording(-1, 3 * slot_bytes)
-    slots = np.frombuffer(buf, dtype=np.uint8).reshape(3, slot_bytes)
-    expected = np.arange(3 * slot_bytes).reshape(3, slot_bytes) % 251
-    slots[:] = expected
-    mapped: set[int] = set()
-    for slot in (1, 1, 2, 0):
-        pipeline.map_slot(buf, slots, slot, mapped)
-    assert mapped == {0, 1, 2}
-    assert [start for _, start, _ in buf.calls] == [page, 2 * page, 0]
-    for (advice, start, length), slot in zip(buf.calls, (1, 2, 0)):
-        assert advice == pipeline.MADV_POPULATE_READ and start % page == 0
-        assert start <= slot * slot_bytes and start + length >= (slot + 1) * slot_bytes
-    np.testing.assert_array_equal(slots, expected)
 
 
 def _vm_flags(address: int) -> list[str]:
@@ -451,6 +397,21 @@ def _vm_flags(address: int) -> list[str]:
             elif inside and head == "VmFlags:":
                 return line.split()[1:]
     raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_the_buffer_is_private_memory_in_huge_pages(tmp_path):
+    """Issue 22: shared memory (which reader processes needed) gets 4 KiB pages, slow to fault in;
+    the readers' buffer is a private array, for which numpy asks huge pages where it can."""
+    root, _ = make_shards(tmp_path, d_model=64)
+    with ShuffledLoader(root, 3, 16, seed=0, n_workers=1, buffer_mb=8) as loader:
+        loader.start()
+        slots = loader._pipeline.slots
+        assert slots.nbytes >= 4 * 2**20 and slots.flags.writeable and slots.base is None
+        flags = _vm_flags(slots.__array_interface__["data"][0] + slots.nbytes // 2)
+        assert "sh" not in flags  # not shared
+        if np._core.multiarray._get_madvise_hugepage():
+            assert "hg" in flags  # MADV_HUGEPAGE
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
@@ -472,20 +433,8 @@ def test_batch_arrays_are_reused_small_page_arrays(tmp_path):
     assert arr.sum() == 52.5
 
 
-class _ThreadQueue(queue.Queue):
-    """A thread queue with the calls Pipeline.close makes on a multiprocessing one."""
-
-    def close(self):
-        pass
-
-    def cancel_join_thread(self):
-        pass
-
-
-class _IdleWorker:
-    """Stands in for a worker process that never takes a task."""
-
-    exitcode = None
+class _IdleReader:
+    """Stands in for a reader thread that never takes a task."""
 
     def is_alive(self):
         return True
@@ -493,29 +442,23 @@ class _IdleWorker:
     def join(self, timeout=None):
         pass
 
-    def terminate(self):
-        pass
 
+def test_main_thread_fills_queued_slots_when_readers_lag(tmp_path, monkeypatch):
+    """Readers that never take a task: the main thread fills every slot itself (Pipeline._help)."""
 
-def test_main_process_fills_queued_slots_when_workers_lag(tmp_path):
-    """Workers that never take a task: the main process fills every slot itself (Pipeline._help)."""
+    def start(self):
+        self._threads = self._threads or [_IdleReader()]
 
+    monkeypatch.setattr(pipeline.Pipeline, "start", start)
     root, stored = make_shards(tmp_path)
     with ShuffledLoader(root, -1, 16, "all", seed=3, n_workers=2, buffer_mb=0.002) as loader:
-        loader._pipeline = pipeline.Pipeline(
-            Source(loader.shard_set, loader.layout), loader.d_model, loader.slot_rows,
-            loader.n_slots, loader.n_procs,
-        )  # fmt: skip
-        pipe = loader._pipeline
-        pipe._procs = [_IdleWorker()]
-        pipe._tasks, pipe._results = _ThreadQueue(), _ThreadQueue()
         for _ in range(2):
             _, act, ex, tok = collect(loader)
             assert sorted(zip(ex.tolist(), tok.tolist())) == [
                 (e, t) for e in range(23) for t in range(6)
             ]
             np.testing.assert_array_equal(act, stored[ex, 1, tok])
-        assert pipe._outstanding == 0
+        assert loader._pipeline._outstanding == 0
 
 
 @pytest.mark.parametrize("n_workers", [0, 2])
@@ -554,102 +497,34 @@ def test_iter_from_is_the_epoch_s_tail_without_reading_what_comes_before(
             assert served <= sum(rows_read) < served + loader.slot_rows
 
 
-def test_closed_loaders_leave_no_thread_and_a_fork_beside_one_is_named(tmp_path, caplog):
-    """A closed loader's queue threads are gone, so the next loader of the process (the next job
-    of an in-process multirun) forks its workers alone; forking beside another thread warns."""
-    caplog.set_level("INFO", logger="saev.data.pipeline")  # info: notebooks always run threads
-
-    def named() -> set[str]:  # the threads that the info lines so far named
-        lines = [r.args[0] for r in caplog.records if r.msg == pipeline.FORK_WITH_THREADS]
-        return {name for line in lines for name in line.split(", ")}
-
-    root, stored = make_shards(tmp_path)
-    before = set(threading.enumerate())
-    # Threads that earlier tests of this process left (e.g. torch.compile's thread pool).
-    foreign = {t.name for t in before if t is not threading.current_thread()}
-    with ShuffledLoader(root, 3, 16, seed=0, n_workers=2, buffer_mb=0.002) as loader:
-        collect(loader)
-        assert set(threading.enumerate()) > before  # the task queue's feeder thread
-    assert set(threading.enumerate()) == before
-    assert named() <= foreign
-    stop = threading.Event()
-    other = threading.Thread(target=stop.wait, name="someone-else", daemon=True)
-    other.start()
-    try:
-        with ShuffledLoader(root, 3, 16, seed=0, n_workers=2, buffer_mb=0.002) as loader:
-            _, act, ex, tok = collect(loader)
-        np.testing.assert_array_equal(act, stored[ex, 0, tok])  # layer 3 is stored first
-    finally:
-        stop.set()
-        other.join()
-    assert "someone-else" in named()
-
-
-def test_a_killed_worker_is_an_error_and_close_returns(tmp_path):
-    """A worker killed mid-epoch (OOM) stops the epoch with an error, and closing the loader
-    returns although tasks that nobody will read are left in the queue."""
-    import signal
-    import time
-
-    root, _ = make_shards(tmp_path, n_examples=60)
-    loader = ShuffledLoader(root, 3, 4, seed=0, n_workers=1, buffer_mb=0.002)
-    batches = iter(loader)
-    next(batches)
-    os.kill(loader._pipeline._procs[0].pid, signal.SIGKILL)
-    start = time.monotonic()
-    with pytest.raises(RuntimeError, match="a loader worker died"):
-        for _ in batches:
-            pass
-    loader.close()
-    assert time.monotonic() - start < 30
-    assert loader._pipeline._procs == []
-
-
-def test_workers_die_with_a_killed_main_process(tmp_path):
-    """SIGKILL (or the OOM killer) on a training process must not leave its reader processes
-    waiting forever on their task queue."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    root, _ = make_shards(tmp_path, n_examples=60)
-    script = (
-        "import sys, time\n"
-        "from saev.data.loaders import ShuffledLoader\n"
-        f"loader = ShuffledLoader({str(root)!r}, 3, 4, n_workers=2, buffer_mb=0.002)\n"
-        "next(iter(loader))\n"
-        "print(' '.join(str(p.pid) for p in loader._pipeline._procs), flush=True)\n"
-        "time.sleep(60)\n"
-    )
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
-    pids = [int(p) for p in proc.stdout.readline().split()]
-    assert pids
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    deadline = time.time() + 10
-    while time.time() < deadline:
-        alive = []
-        for pid in pids:
-            try:
-                os.kill(pid, 0)
-                with open(f"/proc/{pid}/stat") as fd:
-                    if fd.read().split()[2] != "Z":
-                        alive.append(pid)
-            except (ProcessLookupError, FileNotFoundError):
-                pass
-        if not alive:
-            return
-        time.sleep(0.1)
-    pytest.fail(f"loader workers {alive} outlived their killed parent")
-
-
 @pytest.fixture
 def ranges_path(monkeypatch):
     """Send every unit through the range copy of `Source.fill` (the read path's), which tiny test
     examples would otherwise skip for the small-run gather."""
     monkeypatch.setattr(pipeline, "SMALL_RUN_BYTES", 0)
+
+
+def test_closed_loaders_leave_no_thread_and_no_open_shard(tmp_path, ranges_path):
+    """A closed loader's readers are joined and its shard files closed, so that the jobs of an
+    in-process multirun do not pile them up (more in tests/test_readers.py)."""
+    root, stored = make_shards(tmp_path)
+    before = set(threading.enumerate())
+    for read in ("mmap", "pread"):
+        with ShuffledLoader(root, 3, 16, seed=0, n_workers=2, buffer_mb=0.002, read=read) as loader:
+            _, act, ex, tok = collect(loader)
+            np.testing.assert_array_equal(act, stored[ex, 0, tok])  # layer 3 is stored first
+            assert {t.name for t in set(threading.enumerate()) - before} == {
+                "saev-reader-0",
+                "saev-reader-1",
+            }
+            source = loader._pipeline.source
+            assert source._maps if read == "mmap" else source._fds
+            fds = list(source._fds.values())
+        assert set(threading.enumerate()) == before
+        assert not source._fds and not source._maps and not source._flat
+        for fd in fds:
+            with pytest.raises(OSError):
+                os.fstat(fd)
 
 
 @pytest.mark.parametrize(
@@ -706,6 +581,25 @@ def test_pread_maps_nothing_and_prefetches_every_range(tmp_path, ranges_path, mo
     assert sum(read_rows) == 4 * 6  # each row read once, straight into the slot
     # One request per contiguous range: files, first rows, numbers of rows.
     assert asked == [[[0, 1, 3], [0, 6, 6], [12, 6, 6]]]
+
+
+@pytest.mark.parametrize("read", ["mmap", "pread"])
+def test_a_source_pickles_without_its_files(tmp_path, ranges_path, read):
+    """A copy of a Source opens its own descriptors and maps, and reads the same rows."""
+    import pickle
+
+    root, stored = make_shards(tmp_path, layers=(3,))
+    shard_set = shards.open_shards(root)
+    source = Source(shard_set, Layout.make(select(shard_set.metadata, 3, "all"), 32, 128), read)
+    units = np.array([0, 1, 8, 22])
+    source.fill(units, np.empty((4 * 6, 8), dtype=np.float32))
+    assert source._fds or source._maps
+    copy = pickle.loads(pickle.dumps(source))
+    assert not copy._fds and not copy._maps and not copy._flat
+    dst = np.empty((4 * 6, 8), dtype=np.float32)
+    assert copy.fill(units, dst)[0] == 0
+    np.testing.assert_array_equal(dst.reshape(4, 6, 8), stored[units, 0])
+    source.close(), copy.close()
 
 
 def test_auto_read_maps_sets_that_fit_in_half_the_memory(tmp_path, monkeypatch):

@@ -1,9 +1,12 @@
-"""Reader processes start safely whatever threads the main process runs (issue 22).
+"""Reader threads (issue 22): loaders started many times in a row beside busy threads, closed at
+any point, or failing, never hang and leave no reader behind.
 
-A fork copies only the calling thread: a lock that another thread holds at that moment stays held
-in the child, and a child that needs it (a library's at-fork handler, a module lock, an allocator
-lock) hangs forever. The loaders' workers are started by a forkserver, never forked from the main
-process; these tests start loaders many times in a row while other threads hold such locks.
+Readers used to be processes, started by a forkserver: a fork copies only the calling thread, so
+a lock that another thread held at that moment stayed held in a forked child forever, and the
+tests here started loaders while other threads held such locks and showed that forked readers
+hang. Readers are now threads of the main process (so that the shuffle buffer can be private
+memory, in huge pages): nothing forks, and those tests went. What still matters is checked here,
+each script in a subprocess so that a hang is a timeout rather than a stuck test run.
 """
 
 import os
@@ -14,80 +17,146 @@ import textwrap
 import pytest
 from helpers.shards import make_shards
 
-# Run in a subprocess: a hang is then a timeout, and the at-fork handler it registers (which
-# cannot be removed) stays out of the test process.
-SCRIPT = textwrap.dedent(
-    """
-    import os, sys, threading, time
-    import numpy as np
-    from saev.data import loaders, pipeline
-    from saev.data.loaders import ShuffledLoader
+PRELUDE = """
+import os, sys, threading, time
+import numpy as np
+from saev import shards
+from saev.cli import one_line
+from saev.data import loaders, pipeline
+from saev.data.loaders import ShuffledLoader
 
-    root, repeats, start = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    loaders._usable_cpus = lambda: 64  # start the two workers asked for, whatever the machine
-    if start == "fork":  # the control: the way the readers used to start
-        import multiprocessing as mp
-        pipeline._start_context = lambda: mp.get_context("fork")
-    # Every fill by a worker (the main process would otherwise fill the slots of stuck ones).
-    pipeline.Pipeline._help = lambda self, gen, ready: False
+root = sys.argv[1]
+loaders._usable_cpus = lambda: 64  # start the two readers asked for, whatever the machine
+KW = dict(n_workers=2, buffer_mb=0.002)
+ALL = [(e, t) for e in range(23) for t in range(6)]
 
-    # A library whose fork handler takes its lock (as logging's does), while one of its threads
-    # holds that lock: a child forked now could never take it.
-    held = threading.Lock()
-    os.register_at_fork(after_in_child=lambda: (held.acquire(), held.release()))
-    holding, stop = threading.Event(), threading.Event()
+def readers():
+    return [t for t in threading.enumerate() if t.name.startswith("saev-reader")]
 
-    def hold():
-        with held:
-            holding.set()
-            stop.wait()
+def pairs(batches):
+    return [p for b in batches for p in zip(b["example_idx"].tolist(), b["token_idx"].tolist())]
+"""
 
-    def allocate():  # malloc-heavy threads: allocator locks change hands all the time
-        while not stop.is_set():
-            np.ones(2**18).sum()
+BUSY = """
+# Every fill by a reader (the main thread would otherwise fill the slots of stuck ones).
+pipeline.Pipeline._help = lambda self, gen, ready: False
+# A lock held for the whole run by another thread, which a forked child would need (its fork
+# handler takes it, as logging's does): readers started by fork would hang on it.
+held = threading.Lock()
+os.register_at_fork(after_in_child=lambda: (held.acquire(), held.release()))
+holding, stop = threading.Event(), threading.Event()
 
-    threads = [threading.Thread(target=hold, daemon=True)]
-    threads += [threading.Thread(target=allocate, daemon=True) for _ in range(2)]
-    for t in threads:
-        t.start()
-    holding.wait()
-    for i in range(repeats):
-        with ShuffledLoader(root, 3, 16, "all", seed=i, n_workers=2, buffer_mb=0.002) as loader:
-            seen = []
-            for batch in loader:
-                seen += list(zip(batch["example_idx"].tolist(), batch["token_idx"].tolist()))
-            pids = [p.pid for p in loader._pipeline._procs]
-            assert len(pids) == 2, pids
-            assert sorted(seen) == [(e, t) for e in range(23) for t in range(6)]
-            for pid in pids:  # started by the forkserver, not forked from here
-                with open(f"/proc/{pid}/stat") as f:
-                    assert int(f.read().rsplit(")", 1)[1].split()[1]) != os.getpid()
-    stop.set()
-    print("started", repeats, "times", flush=True)
-    """
-)
+def hold():
+    with held:
+        holding.set()
+        stop.wait()
+
+def allocate():  # malloc-heavy threads: allocator locks change hands all the time
+    while not stop.is_set():
+        np.ones(2**18).sum()
+
+others = [threading.Thread(target=hold, daemon=True)]
+others += [threading.Thread(target=allocate, daemon=True) for _ in range(2)]
+for t in others:
+    t.start()
+holding.wait()
+for i in range(int(sys.argv[2])):
+    with ShuffledLoader(root, 3, 16, "all", seed=i, **KW) as loader:
+        for epoch in range(2):
+            assert sorted(pairs(loader)) == ALL, (i, epoch)
+            assert len(readers()) == 2
+    assert readers() == [], readers()
+stop.set()
+print("started", sys.argv[2], "times", flush=True)
+"""
+
+CLOSE = """
+before = set(threading.enumerate())
+loader = ShuffledLoader(root, 3, 4, "all", seed=0, **KW)
+loader.start()
+assert len(readers()) == 2
+loader.close()  # before any epoch
+assert set(threading.enumerate()) == before
+it = iter(loader)
+next(it), next(it)  # mid-epoch: readers are filling slots
+assert len(readers()) == 2
+loader.close()
+assert set(threading.enumerate()) == before
+try:
+    for _ in it:  # the batches left in the slot being cut, then an error
+        pass
+    raise AssertionError("an epoch went on after close()")
+except RuntimeError as err:
+    assert "abandoned iterator" in str(err), err
+assert sorted(pairs(loader)) == ALL  # a later epoch starts new readers, every row once
+it = iter(loader)
+next(it)
+del it  # abandoned: its fills in flight end before a new epoch reuses their slots
+assert sorted(pairs(loader)) == ALL
+it = iter(loader)
+next(it)  # abandoned, and not even closed: close() still joins the readers
+loader.close()
+assert set(threading.enumerate()) == before
+del it
+print("closed", flush=True)
+"""
+
+RAISE = """
+pipeline.Pipeline._help = lambda self, gen, ready: False  # every fill by a reader
+real, calls = pipeline.Source.fill, []
+
+def fill(self, units, dst_RD, perm_R=None):
+    calls.append(threading.current_thread().name)
+    if len(calls) == 3:  # mid-epoch, in a reader
+        raise shards.ShardError("acts000001.bin is shorter than shards.json says; re-record it.")
+    return real(self, units, dst_RD, perm_R)
+
+pipeline.Source.fill = fill
+before = set(threading.enumerate())
+start = time.monotonic()
+with ShuffledLoader(root, 3, 4, "all", seed=0, **KW) as loader:
+    try:
+        pairs(loader)
+        raise AssertionError("no error")
+    except shards.ShardError as err:
+        assert calls[2].startswith("saev-reader"), calls
+        print("error:", one_line(err), flush=True)
+assert set(threading.enumerate()) == before
+assert time.monotonic() - start < 30
+"""
 
 
-def _run(root, repeats: int, start: str, timeout: float):
+def _run(root, script: str, *args, timeout: float):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    code = textwrap.dedent(PRELUDE) + textwrap.dedent(script)
     return subprocess.run(
-        [sys.executable, "-c", SCRIPT, str(root), str(repeats), start],
+        [sys.executable, "-c", code, str(root), *map(str, args)],
         capture_output=True, text=True, timeout=timeout, env=env,
     )  # fmt: skip
 
 
 @pytest.mark.slow
-def test_readers_start_while_other_threads_hold_locks(tmp_path):
+def test_loaders_started_many_times_beside_busy_threads_read_every_epoch(tmp_path):
+    """40 loaders in a row, two epochs each, while other threads hold a lock and hammer the
+    allocator: every epoch is exact, and no reader outlives its loader."""
     root, _ = make_shards(tmp_path)
-    proc = _run(root, 40, "default", timeout=240)
+    proc = _run(root, BUSY, 40, timeout=240)
     assert proc.returncode == 0, proc.stderr
     assert "started 40 times" in proc.stdout
 
 
-@pytest.mark.slow
-def test_the_same_start_by_fork_hangs(tmp_path):
-    """The control: the same script with forked readers hangs on its first loader, so the test
-    above would catch a return to fork."""
+def test_close_joins_the_readers_before_mid_and_after_an_epoch(tmp_path):
     root, _ = make_shards(tmp_path)
-    with pytest.raises(subprocess.TimeoutExpired):
-        _run(root, 1, "fork", timeout=20)
+    proc = _run(root, CLOSE, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "closed" in proc.stdout
+
+
+def test_a_reader_that_raises_is_one_error_in_the_main_thread(tmp_path):
+    """The reader's own exception, raised where the batches are taken (so one line names the
+    file), and the loader closes at once."""
+    root, _ = make_shards(tmp_path)
+    proc = _run(root, RAISE, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    line = "error: acts000001.bin is shorter than shards.json says; re-record it\n"
+    assert proc.stdout == line

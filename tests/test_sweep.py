@@ -271,9 +271,6 @@ KIND_GRIDS = (
 def test_multirun_in_process_trains_each_group_in_one_job(shard_root, tmp_path):
     res = multirun([*common(shard_root, tmp_path), "data.seed=0,1", KIND_GRIDS])
     assert res.returncode == 0, res.stderr[-3000:]
-    # The first job's threads (W&B's, tqdm's, its loaders' queues) ended with it: the second
-    # job forked its loader workers with no other thread running (saev.data.pipeline warns if not).
-    assert "Forking loader workers while other threads run" not in res.stdout + res.stderr
     sweep_dir = sweep_dir_of(res)
     assert sweep_dir.parent == tmp_path / "multirun"
     assert sorted(p.name for p in sweep_dir.glob("job-*")) == ["job-0", "job-1"]

@@ -10,7 +10,7 @@ import dataclasses
 TOKENS = ("patches", "cls", "all")
 """Which tokens of each example a job reads: patches only, CLS only, or CLS then patches."""
 READS = ("auto", "mmap", "pread")
-"""How reader processes copy from the shard files (`DataConfig.read`)."""
+"""How reader threads copy from the shard files (`DataConfig.read`)."""
 
 
 @dataclasses.dataclass
@@ -29,8 +29,8 @@ class DataConfig:
     seed: int = 0
     """Seed of the shuffle order (epoch e uses (seed, e)); the split does not depend on it."""
     n_workers: int = 2
-    """Reader processes filling the shuffle buffer; 0 reads in the main process. At most (CPUs - 1)
-    processes start; the buffer layout (and so the order) follows n_workers regardless."""
+    """Reader threads filling the shuffle buffer; 0 reads in the main thread. At most (CPUs - 1)
+    threads start; the buffer layout (and so the order) follows n_workers regardless."""
     buffer_mb: int = 512
     """Shuffle buffer (MiB, storage dtype): a batch mixes ~buffer_mb / (n_workers + 2) of it (~890
     images per batch for ViT-B/16 float32 at 512 MiB; see saev.data.pipeline)."""
@@ -46,7 +46,7 @@ class DataConfig:
     skip_nonfinite: bool = False
     """Drop (and count) NaN/inf activations instead of stopping with an error."""
     read: str = "auto"
-    """How reader processes copy from the shard files: "mmap" (fastest when the files stay in the
+    """How reader threads copy from the shard files: "mmap" (fastest when the files stay in the
     page cache), "pread" (streams larger-than-memory sets without mapping them) or "auto" (mmap
     when the files fit in half the job's memory). Both prefetch each fill (saev.data.pipeline)."""
 

@@ -113,7 +113,7 @@ class ShardDataModule(L.LightningDataModule):
         )  # fmt: skip
 
     def train_dataloader(self) -> ShuffledLoader:
-        """Raw activations, one epoch per iteration; the same loader (and workers) every epoch."""
+        """Raw activations, one epoch per iteration; the same loader (and readers) every epoch."""
         self._require_setup()
         if self._train_loader is None:
             self._train_loader = ShuffledLoader(
@@ -157,7 +157,7 @@ class ShardDataModule(L.LightningDataModule):
         return self._val_loader
 
     def start_readers(self) -> None:
-        """Build the loaders and start their reader processes now, so that the first step does
+        """Build the loaders and start their reader threads now, so that the first step does
         not wait for them; inside `trainer.fit` they learn their rank."""
         self.train_dataloader().start()
         val = self.val_dataloader()

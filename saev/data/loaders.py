@@ -2,7 +2,7 @@
 `{"act": float32 [B, d_model], "example_idx": int64 [B], "token_idx": int64 [B]}` from a shard
 directory, ours or the public saev's (`saev.shards.open_shard_set`).
 
-They cut batches from the slots that `saev.data.pipeline`'s reader processes fill; how the reading
+They cut batches from the slots that `saev.data.pipeline`'s reader threads fill; how the reading
 keeps up with the storage, and the shuffle's quality, are in docs/architecture.md ("Loading").
 Loaders serve raw activations: normalization belongs to the SAE.
 """
@@ -63,7 +63,7 @@ class _Loader:
         """`examples`: global example indices to read (default all); `buffer_mb`: the shuffle
         buffer, in storage dtype; `run_kb`: the smallest contiguous read worth cutting an example
         into; `rank`/`world_size`: this process's part of the stream; `pin_memory`: default is
-        whether CUDA is available; `read`: how workers copy from the files, "mmap", "pread" or
+        whether CUDA is available; `read`: how readers copy from the files, "mmap", "pread" or
         "auto" (mmap when the files fit in half the memory; saev.data.pipeline); `upcast`: whether
         float16/bfloat16 shards give float32 batches (else batches keep the storage dtype, for a
         GPU to up-cast: half the bytes to copy and transfer, and no conversion on the CPU)."""
@@ -80,9 +80,9 @@ class _Loader:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}.")
         self.batch_size, self.n_workers = batch_size, n_workers
-        # Reader processes actually started: the main process needs a core of its own (on 2 CPUs a
-        # second worker only contended). The slots, and so the order, still follow n_workers.
-        self.n_procs = min(n_workers, max(1, _usable_cpus() - 1))
+        # Reader threads actually started: the main thread needs a core of its own (on 2 CPUs a
+        # second reader only contended). The slots, and so the order, still follow n_workers.
+        self.n_readers = min(n_workers, max(1, _usable_cpus() - 1))
         self.rank, self.world_size = rank, world_size
         self.skip_nonfinite = skip_nonfinite
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
@@ -125,7 +125,7 @@ class _Loader:
     def _tasks(self, units_in_order: np.ndarray, rng: np.random.Generator | None):
         """Lazily, per fill of the whole stream: `(units, dest_R, pos_R, n_rows)`, where `units`
         are this rank's part of the fill (every world_size-th of its units, sorted so that a
-        worker reads in file order), `dest_R` says where each of their rows goes in the slot,
+        reader reads in file order), `dest_R` says where each of their rows goes in the slot,
         `pos_R` (ascending) is the stream position within the fill of each slot row, and
         `n_rows` counts the whole fill's rows, all ranks together.
 
@@ -215,7 +215,7 @@ class _Loader:
         resumes the generator)."""
         B, g0 = self.batch_size, 0
         tasks = iter(tasks)
-        for task in tasks:  # skipped fills are never handed to a worker
+        for task in tasks:  # skipped fills are never handed to a reader
             if g0 + task[3] > first_batch * B:
                 tasks = itertools.chain([task], tasks)
                 break
@@ -240,7 +240,7 @@ class _Loader:
             if checked:  # units found finite need no NaN/inf check in later epochs
                 self._mark_finite(units, mask)
             per_row = [*self.layout.rows(units), *([] if mask is None else [mask])]
-            if dest_R is not None:  # the workers scattered the rows: follow them to the slot
+            if dest_R is not None:  # the readers scattered the rows: follow them to the slot
                 per_row = [_scatter(x, dest_R) for x in per_row]
             ex_R, tok_R = torch.from_numpy(per_row[0]), torch.from_numpy(per_row[1])
             slot_t = torch.from_numpy(slot_RD[: len(ex_R)])
@@ -280,16 +280,13 @@ class _Loader:
             logger.warning(msg, n_bad)
 
     def start(self) -> None:
-        """Start the reader processes now (else on first iteration), so that the first batch
-        does not wait for them. A forkserver starts them (saev.data.pipeline), so this is safe
-        whatever threads the process already runs."""
+        """Allocate the buffer and start the reader threads now (else on first iteration)."""
         if self._pipeline is None:
             source = Source(self.shard_set, self.layout, self.read)
             self._pipeline = Pipeline(
-                source, self.d_model, self.slot_rows, self.n_slots, self.n_procs
+                source, self.d_model, self.slot_rows, self.n_slots, self.n_readers
             )
-        if self.n_procs and not self._pipeline._procs:
-            self._pipeline._start()
+        self._pipeline.start()
 
     def set_rank(self, rank: int, world_size: int) -> None:
         """This process's part of the stream, once DDP's process group says what it is."""
@@ -306,7 +303,8 @@ class _Loader:
             yield task
 
     def close(self) -> None:
-        """Stop the worker processes (they also stop when the program exits)."""
+        """Stop and join the reader threads, and close the shard files (a later iteration starts
+        them again)."""
         if getattr(self, "_pipeline", None) is not None:
             self._pipeline.close()
 
@@ -317,7 +315,7 @@ class _Loader:
         self.close()
 
     def __del__(self):
-        # At interpreter exit the queues may be gone; multiprocessing then ends the daemon workers.
+        # At interpreter exit modules may be gone; the daemon readers then end with the process.
         try:
             self.close()
         except Exception:
@@ -331,7 +329,7 @@ def _usable_cpus() -> int:
 def _copy_1thread(dst: torch.Tensor, src: torch.Tensor) -> None:
     """dst <- src (up-casting 16-bit floats) on this thread only.
 
-    torch's multi-threaded copy_ spins its OpenMP threads on the cores the loader's workers need
+    torch's multi-threaded copy_ spins its OpenMP threads on the cores the loader's readers need
     (on 2 cores it doubled the main process's CPU time for no gain in wall time). float32 goes
     through numpy's single-threaded copy; float16/bfloat16 through torch's vectorized conversion
     with one intra-op thread for the call (numpy's float16 cast is ~5x slower; cutting the batch
@@ -375,7 +373,7 @@ def batch_grouped(perm_R: np.ndarray, g0: int, batch_size: int) -> np.ndarray:
     batch holds the same uniformly random subset of rows, and only the order within a batch,
     which no training step depends on, changes.
 
-    Why: the workers scatter rows in fill order to their positions in the slot. A uniformly
+    Why: the readers scatter rows in fill order to their positions in the slot. A uniformly
     random order sends consecutive rows to random pages of a 128 MiB slot (a TLB and cache miss
     per row: 0.41 us per 1.5 KiB float16 row here); in batch order they go to a few sequential
     streams, one per batch the fill reaches (0.21 us, near memcpy's 0.17).

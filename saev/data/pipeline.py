@@ -1,5 +1,5 @@
-"""The reader processes behind `saev.data.loaders`: they copy runs of activations from the shard
-files into the slots of one shared-memory shuffle buffer, each to its shuffled rows.
+"""The reader threads behind `saev.data.loaders`: they copy runs of activations from the shard
+files into the slots of one shuffle buffer, each to its shuffled rows.
 
 - `Layout` cuts an epoch into units (runs of consecutive tokens of one example and layer, which are
   contiguous in a shard file and at least `run_kb` long, so reads stay large);
@@ -7,10 +7,9 @@ files into the slots of one shared-memory shuffle buffer, each to its shuffled r
   its ranges first (`WILLNEED`) so that the disk has many requests in flight, by `mmap` when the
   files fit in half the memory and by `pread` otherwise, checking for NaN/inf while rows are in
   cache;
-- `Pipeline` runs the workers (processes started by a forkserver, so that no thread of the main
-  process can leave a lock held in them; the main process fills a slot itself rather than wait)
-  and hands slots back in task order. The slots live in one shared-memory file (`SharedBuffer`)
-  that the workers map through a descriptor passed at start.
+- `Pipeline` runs the readers (threads of this process: numpy's copies release the GIL; the main
+  thread fills a slot itself rather than wait) and hands slots back in task order. The slots are
+  one private numpy array.
 
 Why it is built this way, the shuffle's quality and the measured figures: docs/architecture.md,
 "Loading".
@@ -22,15 +21,11 @@ import dataclasses
 import logging
 import math
 import mmap
-import multiprocessing as mp
-import multiprocessing.reduction
 import os
 import pathlib
 import queue
-import signal
+import sys
 import threading
-import traceback
-import weakref
 
 import numpy as np
 
@@ -41,17 +36,9 @@ logger = logging.getLogger(__name__)
 
 # Below this many bytes per unit, one fancy-indexed read per shard beats a loop of copies.
 SMALL_RUN_BYTES = 64 * 1024
-MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
-MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
-PREFAULT_BYTES = 32 * 2**20  # a multiple of the page size
 HALF_EXPONENT = {"float16": 0x7C00, "bfloat16": 0x7F80}
-PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 SCRATCH_BYTES = 2**20  # pread's bounce buffer: a shuffled range stays in L2 for its scatter
 HAS_FADVISE = hasattr(os, "posix_fadvise")  # not on macOS: no prefetch there
-FORK_WITH_THREADS = (
-    "Starting loader workers while other threads run (%s): through a forkserver, so that none of "
-    "their locks is inherited."
-)
 
 
 def memory_bytes() -> int:
@@ -80,9 +67,9 @@ def memory_bytes() -> int:
 
 
 def allow_open_files(n: int) -> None:
-    """A worker keeps one descriptor per shard it reads (a mapping holds one too): lift the soft
-    limit on open files (often 1024, below the shard count of a large recording) toward the hard
-    one."""
+    """A loader keeps one descriptor per shard it reads (a mapping holds one too), which its
+    readers share: lift the soft limit on open files (often 1024, below the shard count of a large
+    recording) toward the hard one."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -179,9 +166,10 @@ class Source:
     """Copies the rows of a sorted list of units into a `[rows, d_model]` array.
 
     Values stay in the storage dtype (float16/bfloat16 are up-cast when batches are cut, which
-    halves the work here and doubles the rows a buffer holds). Lives in each worker process;
-    files (and memmaps) are opened once per shard and per process, read-only. `read` is "mmap" or
-    "pread" (`resolve_read`).
+    halves the work here and doubles the rows a buffer holds). One Source serves a loader's reader
+    threads and its main thread: files (and memmaps) are opened once per shard, read-only, on first
+    use (under a lock) and shared; each thread has its own pread scratch buffer. `read` is "mmap"
+    or "pread" (`resolve_read`). It pickles without its descriptors and maps (a copy opens its own).
     """
 
     def __init__(self, shard_set: shards.ShardSet, layout: Layout, read: str = "mmap"):
@@ -190,8 +178,7 @@ class Source:
         self.dtype, self.n_layers, self.n_tokens = md.dtype, md.n_layers, md.n_tokens_per_example
         self.row_bytes = md.d_model * shards.DTYPE_ITEMSIZE[md.dtype]
         self.starts = np.array([f.first_example for f in shard_set.files], dtype=np.int64)
-        # Read here, not at each use: a worker's module is imported afresh (forkserver), so
-        # these travel with the Source (tests shrink them to reach every path).
+        # Read once, here (tests shrink them to reach every path).
         self.small_run_bytes, self.scratch_bytes = SMALL_RUN_BYTES, SCRATCH_BYTES
         allow_open_files(len(shard_set.files))
         self._open_nothing()
@@ -200,12 +187,13 @@ class Source:
         self._flat: dict[int, np.ndarray] = {}
         self._fds: dict[int, int] = {}
         self._maps: dict[int, mmap.mmap] = {}
-        self._scratch_RD: np.ndarray | None = None
+        self._opening = threading.Lock()  # two readers must not open the same shard twice
+        self._local = threading.local()  # each thread's scratch_RD
 
     def __getstate__(self) -> dict:
-        """What a worker needs to open the files itself (descriptors and maps stay here)."""
+        """What a copy needs to open the files itself (descriptors and maps stay here)."""
         state = self.__dict__.copy()
-        for key in ("_flat", "_fds", "_maps", "_scratch_RD"):
+        for key in ("_flat", "_fds", "_maps", "_opening", "_local"):
             del state[key]
         return state
 
@@ -214,30 +202,47 @@ class Source:
         allow_open_files(len(self.shard_set.files))
         self._open_nothing()
 
+    def close(self) -> None:
+        """Close the descriptors and drop the maps (a later fill opens them again). Only when no
+        thread is filling: a closed descriptor's number may be reused by the next file opened."""
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            os.close(fd)
+        self._flat, self._maps = {}, {}  # a map closes when no view of it is left
+
     def _rows_of(self, i: int) -> np.ndarray:
         """Shard i as a read-only `[examples * layers * tokens, d_model]` view."""
-        if i not in self._flat:
-            mm = self.shard_set.memmap(i)
-            # Pages come from prefetch(); a fault that still misses reads just its page, not
-            # the 8 MiB around it that the default read-around would (mostly other fills' rows).
-            mm._mmap.madvise(mmap.MADV_RANDOM)
-            self._maps[i] = mm._mmap
-            flat = mm.reshape(-1, self.shard_set.metadata.d_model)
-            self._flat[i] = flat.view(np.ndarray)  # plain ndarray: no memmap hooks on slicing
-        return self._flat[i]
+        flat = self._flat.get(i)
+        if flat is not None:
+            return flat
+        with self._opening:
+            if i not in self._flat:
+                mm = self.shard_set.memmap(i)
+                # Pages come from prefetch(); a fault that still misses reads just its page, not
+                # the 8 MiB around it that the default read-around would (mostly other fills').
+                mm._mmap.madvise(mmap.MADV_RANDOM)
+                self._maps[i] = mm._mmap  # before _flat: a thread that finds _flat[i] uses it
+                flat = mm.reshape(-1, self.shard_set.metadata.d_model)
+                self._flat[i] = flat.view(np.ndarray)  # plain ndarray: no memmap hooks on slicing
+            return self._flat[i]
 
     def _fd(self, i: int) -> int:
-        if i not in self._fds:
-            self._fds[i] = os.open(self.shard_set.files[i].path, os.O_RDONLY)
-            if HAS_FADVISE:  # pread's readahead would read past the rows (prefetch is precise)
-                os.posix_fadvise(self._fds[i], 0, 0, os.POSIX_FADV_RANDOM)
-        return self._fds[i]
+        fd = self._fds.get(i)
+        if fd is not None:
+            return fd
+        with self._opening:
+            if i not in self._fds:
+                fd = os.open(self.shard_set.files[i].path, os.O_RDONLY)
+                if HAS_FADVISE:  # pread's readahead would read past the rows (prefetch is precise)
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+                self._fds[i] = fd
+            return self._fds[i]
 
     def prefetch(self, file_U: np.ndarray, row_U: np.ndarray, n_rows_U: np.ndarray) -> None:
         """Ask the kernel for every range at once (asynchronous reads; a no-op for cached pages),
         so that the disk has many requests in flight while the ranges are copied one by one.
         Mapped shards are asked through their mapping (`madvise`, the same readahead as
-        `posix_fadvise`), so that a worker holds one descriptor per shard either way."""
+        `posix_fadvise`), so that a loader holds one descriptor per shard either way."""
         page = mmap.PAGESIZE
         for i, r0, n in zip(file_U.tolist(), row_U.tolist(), n_rows_U.tolist()):
             start, length = r0 * self.row_bytes, n * self.row_bytes
@@ -260,16 +265,17 @@ class Source:
 
     def _ranges(self, i: int, row0: int, n_rows: int, like_RD: np.ndarray):
         """`(offset, rows)` pieces of rows [row0, row0 + n_rows) of shard i: one view of the
-        memmap, or pread pieces of at most SCRATCH_BYTES through a reused scratch buffer."""
+        memmap, or pread pieces of at most SCRATCH_BYTES through this thread's scratch buffer."""
         if self.read == "mmap":
             yield 0, self._rows_of(i)[row0 : row0 + n_rows]
             return
-        if self._scratch_RD is None or self._scratch_RD.shape[1:] != like_RD.shape[1:]:
-            rows = max(1, self.scratch_bytes // self.row_bytes)
-            self._scratch_RD = np.empty((rows, *like_RD.shape[1:]), dtype=like_RD.dtype)
-        step = len(self._scratch_RD)
+        scratch_RD = getattr(self._local, "scratch_RD", None)
+        if scratch_RD is None or scratch_RD.shape[1:] != like_RD.shape[1:]:
+            shape = (max(1, self.scratch_bytes // self.row_bytes), *like_RD.shape[1:])
+            scratch_RD = self._local.scratch_RD = np.empty(shape, dtype=like_RD.dtype)
+        step = len(scratch_RD)
         for a in range(0, n_rows, step):
-            piece_RD = self._scratch_RD[: min(step, n_rows - a)]
+            piece_RD = scratch_RD[: min(step, n_rows - a)]
             self._pread(i, row0 + a, piece_RD)
             yield a, piece_RD
 
@@ -301,7 +307,7 @@ class Source:
         def put(r0: int, r1: int, src_rows: np.ndarray) -> None:
             if perm_R is None:
                 np.copyto(dst_RD[r0:r1], src_rows)
-            else:  # the shuffle itself: scattering here spares the main process a gather
+            else:  # the shuffle itself: scattering here spares the main thread a gather
                 dst_RD[perm_R[r0:r1]] = src_rows
             # One sum per range while it is in cache: NaN, inf (and overflow) make it non-finite.
             if verify and not self._finite_sum(src_rows):
@@ -354,255 +360,88 @@ class Source:
         return len(bad), where, finite_R
 
 
-def _die_with_parent(main_pid: int) -> None:
-    """Have the kernel kill this worker when the process that started it dies (SIGKILL, OOM):
-    otherwise an orphaned worker waits forever on its task queue, holding memory and maps.
-
-    The parent is the forkserver, which exits when the main process dies (its pipe from the main
-    process closes); the check after prctl covers a main process that died before it took effect.
-    """
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: the daemon flag covers clean exits only
-        pass
-    try:
-        os.kill(main_pid, 0)
-    except ProcessLookupError:
-        os._exit(1)
-    if os.getppid() == 1:  # the forkserver died before prctl took effect
-        os._exit(1)
-    # The forkserver exits when the last holder of its "alive" pipe does: the main process, and
-    # every process it forked, which keeps a copy so as to start processes of its own. A worker
-    # starts none: without its copy, a dead main process takes the forkserver, and so (through
-    # PDEATHSIG) this worker, with it.
-    from multiprocessing import forkserver
-
-    server = getattr(forkserver, "_forkserver", None)
-    alive_fd = getattr(server, "_forkserver_alive_fd", None)
-    if alive_fd is not None:
-        os.close(alive_fd)
-        server._forkserver_alive_fd = None
-
-
-class SharedBuffer:
-    """Memory that the main process and its workers map: an anonymous shared-memory file
-    (`memfd`, else an unlinked file in /dev/shm), handed to workers as a descriptor.
-
-    Workers are not forked from the main process (`Pipeline._start`), so they cannot inherit a
-    mapping; a descriptor needs no name that a killed process would leave behind. Pickling one
-    (as a worker's argument) sends the descriptor with it (`DupFd`, as multiprocessing's own
-    shared arenas do).
-    """
-
-    def __init__(self, n_bytes: int, fd: int | None = None):
-        self.n_bytes = n_bytes
-        if fd is None:
-            fd = _anonymous_shm_fd()
-            os.ftruncate(fd, n_bytes)
-        self.fd = fd
-        self._close_fd = weakref.finalize(self, os.close, fd)
-        self.map = mmap.mmap(fd, n_bytes)  # MAP_SHARED
-
-    def __reduce__(self):
-        return _attach_buffer, (self.n_bytes, multiprocessing.reduction.DupFd(self.fd))
-
-    def close(self) -> None:
-        """Close the descriptor (the mapping keeps the memory, but no worker can attach)."""
-        self._close_fd()
-        self.fd = -1
-
-
-def _attach_buffer(n_bytes: int, dup) -> SharedBuffer:
-    return SharedBuffer(n_bytes, dup.detach())
-
-
-def _anonymous_shm_fd() -> int:
-    if hasattr(os, "memfd_create"):
-        return os.memfd_create("saev-shuffle-buffer", os.MFD_CLOEXEC)
-    import tempfile
-
-    fd, name = tempfile.mkstemp(
-        prefix="saev-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
-    )
-    os.unlink(name)
-    return fd
-
-
-READER_NAME = "saev-reader"
-
-
-def _start_context():
-    """A forkserver: a clean single-threaded process, started by fork + exec, that forks the
-    workers. A plain fork copies only the calling thread, so a lock that another thread (W&B, a
-    process group, a job before this one) holds at that moment stays held in the child forever;
-    spawn is as safe but imports numpy afresh in every worker."""
-    methods = mp.get_all_start_methods()
-    ctx = mp.get_context("forkserver" if "forkserver" in methods else "spawn")
-    if ctx.get_start_method() == "forkserver":
-        from multiprocessing import forkserver
-
-        if forkserver._forkserver._forkserver_pid is None:  # before it starts: what it imports
-            ctx.set_forkserver_preload([__name__])
-    _readers_skip_main()
-    return ctx
-
-
-def _readers_skip_main() -> None:
-    """Have multiprocessing not re-run `__main__` in a reader, as it does for every process it
-    does not fork: a reader needs nothing from it (its target lives here), and a script or
-    notebook cell without an `if __name__ == "__main__"` guard would run again in each reader.
-    Only processes named READER_NAME are affected."""
-    from multiprocessing import spawn
-
-    if getattr(spawn.get_preparation_data, "_skips_main", False):
-        return
-    prepare = spawn.get_preparation_data
-
-    def preparation_data(name):
-        data = prepare(name)
-        if name.startswith(READER_NAME):
-            data.pop("init_main_from_name", None)
-            data.pop("init_main_from_path", None)
-        return data
-
-    preparation_data._skips_main = True
-    spawn.get_preparation_data = preparation_data
-
-
-def map_slot(buf: mmap.mmap, slots_SRD: np.ndarray, slot: int, mapped: set) -> None:
-    """Map a slot's pages into this process's page tables in one call, the first time this
-    process uses the slot (`mapped`: the slots it has mapped).
-
-    Every process faults shared pages into its own page tables, 4 KiB at a time (shared memory
-    has no huge pages by default): writing a fresh 512 MiB buffer took a worker 0.15 s of page
-    faults on this VM, even where the main process had already allocated the pages. A populate
-    call maps them (allocating any that are still missing) in 0.04 s; the mapping is writable,
-    so the writes that follow take no fault.
-    """
-    if slot in mapped:
-        return
-    mapped.add(slot)
-    nbytes = slots_SRD[0].nbytes  # slots_SRD is the whole of buf
-    start = slot * nbytes
-    aligned = start - start % mmap.PAGESIZE
-    try:
-        buf.madvise(MADV_POPULATE_READ, aligned, min(len(buf), start + nbytes) - aligned)
-    except (OSError, ValueError):  # before Linux 5.14: the writes fault the pages in
-        pass
-
-
 def fill(source: Source, units, dst_RD, perm_R, verify: bool):
     """`source.fill`, or without the NaN/inf check where `verify` is False."""
     return (source.fill if verify else source.fill_unchecked)(units, dst_RD, perm_R)
 
 
-def _worker_main(source: Source, shared: SharedBuffer, shape, dtype, tasks, results, main_pid):
-    _die_with_parent(main_pid)
-    # SLURM sends a job's requeue signal (submitit's SIGUSR2) to every process of the step: it
-    # is for the main process, and would kill a worker (a forkserver's child has the default
-    # action, where a forked one inherited the main process's handler).
-    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    buf = shared.map
-    shared.close()  # the mapping keeps the memory
-    slots_SRD = np.frombuffer(buf, dtype=dtype).reshape(shape)
-    mapped: set[int] = set()  # page tables are per process: a new one starts with none mapped
-    while True:
-        msg = tasks.get()
-        if msg is None:
-            return
+def _read(source: Source, slots_SRD: np.ndarray, tasks: queue.Queue, results: queue.Queue):
+    """A reader thread: fills slots until it takes None. Every task it takes gets an answer, its
+    exception included, so the main thread never waits for one that will not come."""
+    while (msg := tasks.get()) is not None:
         gen, j, slot, units, perm_R, verify = msg
-        map_slot(buf, slots_SRD, slot, mapped)
         try:
-            results.put((gen, j, fill(source, units, slots_SRD[slot], perm_R, verify), None))
-        except BaseException:
-            results.put((gen, j, None, traceback.format_exc()))
+            result = fill(source, units, slots_SRD[slot], perm_R, verify)
+        except BaseException as err:
+            results.put((gen, j, None, err))
+        else:
+            results.put((gen, j, result, None))
 
 
 class Pipeline:
-    """Worker processes filling the slots of a shared buffer; yields filled slots in task order."""
+    """Reader threads filling the slots of one buffer; yields filled slots in task order.
+
+    The copies (numpy's fancy-indexed assignment and copyto, pread) release the GIL, so readers
+    and the main thread copy in parallel. The buffer is private memory (`np.empty`), which numpy
+    backs with transparent huge pages where the kernel allows them; shared memory, which reader
+    processes needed, gets 4 KiB pages, and faulting them in cost a fresh loader a third of its
+    first epoch. So nothing prefaults the buffer any more: a huge page takes one fault per 2 MiB,
+    within a reader's copy.
+    """
 
     def __init__(self, source: Source, d_model: int, slot_rows: int, n_slots: int, n_workers: int):
         self.source, self.d_model, self.slot_rows = source, d_model, slot_rows
         self.n_slots, self.n_workers = n_slots, n_workers
         storage = np.dtype(shards.NUMPY_STORAGE_DTYPE[source.dtype])
-        # Shared memory that the workers map too (SharedBuffer), so they write into these pages.
-        self._shared = SharedBuffer(n_slots * slot_rows * d_model * storage.itemsize)
-        self._buf = self._shared.map
-        self.slots = np.frombuffer(self._buf, dtype=storage).reshape(n_slots, slot_rows, d_model)
-        self._procs: list = []
-        self._mapped: set[int] = set()  # slots mapped into this (the main) process
-        self._gen = 0
-        self._outstanding = 0
-        # Page-aligned pieces of the buffer never touched yet, in the order the slots are first
-        # filled, from the middle of slot 0 on: the first worker maps slot 0 from its start
-        # (map_slot), and the two meet halfway (see _prefault).
-        total, page = len(self._buf), mmap.PAGESIZE
-        first = self.slots[0].nbytes // 2 // page * page
-        self._fresh = [
-            (a, min(PREFAULT_BYTES, total - a)) for a in range(first, total, PREFAULT_BYTES)
-        ]
+        self.slots = np.empty((n_slots, slot_rows, d_model), dtype=storage)
+        self._threads: list[threading.Thread] = []
+        self._tasks: queue.Queue = queue.Queue()
+        self._results: queue.Queue = queue.Queue()
+        self._gen = 0  # epochs started (run calls); a newer one ends an abandoned iterator
+        self._outstanding = 0  # tasks handed to the readers and not answered yet
 
-    def _start(self) -> None:
-        # Started by a forkserver (_start_context), never forked from here: safe whatever threads
-        # this process runs (a notebook kernel, W&B, a process group, the job before this one of
-        # an in-process multirun). An info line still names them, for whoever debugs a start.
-        others = [t.name for t in threading.enumerate() if t is not threading.current_thread()]
-        if others:
-            logger.info(FORK_WITH_THREADS, ", ".join(others))
-        ctx = _start_context()
-        self._tasks, self._results = ctx.Queue(), ctx.Queue()
-        shape, dtype = self.slots.shape, self.slots.dtype
-        for _ in range(self.n_workers):
-            args = (
-                self.source,
-                self._shared,
-                shape,
-                dtype,
-                self._tasks,
-                self._results,
-                os.getpid(),
-            )
-            p = ctx.Process(target=_worker_main, args=args, name=READER_NAME, daemon=True)
-            p.start()
-            self._procs.append(p)
+    def start(self) -> None:
+        """Start the reader threads, unless they run (or there are none to run)."""
+        if self._threads or not self.n_workers:
+            return
+        # Fresh queues: nothing of a closed pipeline's epoch is left in them.
+        self._tasks, self._results = queue.Queue(), queue.Queue()
+        args = (self.source, self.slots, self._tasks, self._results)
+        for i in range(self.n_workers):
+            # daemon: a program that never closes its loader still exits (readers wait in get).
+            t = threading.Thread(target=_read, args=args, name=f"saev-reader-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
 
     def _get(self):
         while True:
             try:
                 return self._results.get(timeout=1.0)
             except queue.Empty:
-                self._check_alive()
-
-    def _check_alive(self) -> None:
-        """Stop with an error once a worker has died (the OOM killer, most likely), even when
-        the main process could finish the epoch alone by filling every slot itself (`_help`)."""
-        dead = [p.exitcode for p in self._procs if not p.is_alive()]
-        if dead:
-            self.close()
-            msg = f"a loader worker died (exit code {dead[0]})"
-            raise RuntimeError(f"{msg}; out of memory? lower buffer_mb.") from None
+                if not self._threads or not all(t.is_alive() for t in self._threads):
+                    # close() from another thread, or a bug: no answer will come.
+                    raise RuntimeError("the loader's reader threads stopped mid-epoch.") from None
 
     def _drain(self) -> None:
-        """Wait for fills of an abandoned epoch so that no worker still writes into a slot."""
+        """Before a new epoch (or after an abandoned one) reuses the slots: drop the tasks that no
+        reader took yet, and wait for the fills in progress, so that no reader still writes."""
         while self._outstanding > 0:
-            self._get()
+            try:
+                self._tasks.get_nowait()
+            except queue.Empty:
+                self._get()  # an answer, or an error of the abandoned epoch: nobody wants it
             self._outstanding -= 1
 
     def run(self, tasks):
         """For each `(units, perm_R or None, verify)` of the iterable `tasks` (`Source.fill`'s
         arguments), fill a slot and yield `(slot_RD, units, perm_R, verify, fill_result)`, in
-        order."""
+        order. A reader's exception is raised here, as it was raised there."""
         if self.n_workers == 0:
             for j, (units, perm_R, verify) in enumerate(tasks):
-                map_slot(self._buf, self.slots, j % self.n_slots, self._mapped)
                 slot = self.slots[j % self.n_slots]
                 yield slot, units, perm_R, verify, fill(self.source, units, slot, perm_R, verify)
             return
-        if not self._procs:
-            self._start()
+        self.start()
         self._drain()
         self._gen += 1
         gen, tasks, pending, ready = self._gen, iter(tasks), {}, {}
@@ -620,78 +459,59 @@ class Pipeline:
             j = 0
             while j in pending:
                 while j not in ready:
-                    if self._prefault() or self._help(gen, ready):
+                    if self._help(gen, ready):
                         continue
                     g, k, result, err = self._get()
                     self._outstanding -= 1
                     if err is not None:
-                        raise RuntimeError(f"loader worker failed:\n{err}")
+                        raise err
                     if g == gen:
                         ready[k] = result
-                self._check_alive()  # a waitpid per worker and slot
                 yield self.slots[j % self.n_slots], *pending.pop(j), ready.pop(j)
                 if self._gen != gen:
-                    raise RuntimeError("abandoned iterator: a newer epoch started on this loader.")
+                    msg = "abandoned iterator: a newer epoch started on this loader, or it closed."
+                    raise RuntimeError(msg)
                 submit(j + self.n_slots)
                 j += 1
         finally:
-            if self._gen == gen:  # a newer epoch already drained this one's fills
+            if self._gen == gen:  # else a newer epoch (or close) already drained this one's fills
                 self._drain()
 
-    def _prefault(self) -> bool:
-        """Instead of waiting for a worker, allocate the next piece of the buffer that nothing
-        has touched yet; False if there is none (or a result is waiting).
-
-        Fresh memory costs a page fault per 4 KiB (~1-2 GB/s in a VM, where the host faults too):
-        a third of a first epoch. The main process would be idle until the first slot is full,
-        so it takes that cost off the workers, which then only map the pages (map_slot).
-        MADV_POPULATE_WRITE (Linux 5.14) allocates and maps the pages without writing them, so
-        it is safe on a slot that a worker is already filling.
-        """
-        if not self._fresh or not self._results.empty():
-            return False
-        start, length = self._fresh.pop(0)
-        try:
-            self._buf.madvise(MADV_POPULATE_WRITE, start, length)
-        except (OSError, ValueError):  # older kernel: the workers fault the pages in
-            self._fresh = []
-        return True
-
     def _help(self, gen: int, ready: dict) -> bool:
-        """Instead of waiting for a worker, fill a queued slot here; False if none is queued (or
-        a result is waiting). With fewer workers than CPUs the main process has a core idling."""
+        """Instead of waiting for a reader, fill a queued slot here; False if none is queued (or
+        a result is waiting). With fewer readers than CPUs the main thread has a core idling."""
         if not self._results.empty():
             return False
         try:
-            msg = self._tasks.get_nowait()
+            g, k, slot, units, perm_R, verify = self._tasks.get_nowait()
         except queue.Empty:
             return False
-        g, k, slot, units, perm_R, verify = msg
-        # No worker will answer this task now, even if the fill below raises (else _drain would
+        # No reader will answer this task now, even if the fill below raises (else _drain would
         # wait for it forever).
         self._outstanding -= 1
-        map_slot(self._buf, self.slots, slot, self._mapped)
         result = fill(self.source, units, self.slots[slot], perm_R, verify)
         if g == gen:
             ready[k] = result
         return True
 
     def close(self) -> None:
-        for _ in self._procs:
+        """Stop the readers and join them: each ends after the fill it is doing, if any (tasks
+        that none took are dropped). An epoch still iterating then raises; a later `run` starts
+        new readers."""
+        while True:
+            try:
+                self._tasks.get_nowait()
+            except queue.Empty:
+                break
+        for _ in self._threads:
             self._tasks.put(None)
-        all_stopped = True  # each worker took its sentinel, so no task is left in the pipe
-        for p in self._procs:
-            p.join(timeout=5)
-            if p.is_alive():
-                p.terminate()
-            all_stopped &= p.exitcode == 0
-        if self._procs:
-            # End the task queue's feeder thread, which would outlive the loader (see _start).
-            # Only when the pipe is empty: a task nobody reads would block it (and the join).
-            self._tasks.close()
-            if all_stopped:
-                self._tasks.join_thread()
-            else:
-                self._tasks.cancel_join_thread()
-        self._procs = []
-        self._outstanding = 0  # no worker is left to write into a slot (nor to answer _drain)
+        me = threading.current_thread()  # close() from a reader (a garbage collection there)
+        if not sys.is_finalizing():  # at exit a daemon thread may be frozen: join would hang
+            for t in self._threads:
+                if t is not me:
+                    t.join()
+        if me not in self._threads and not any(t.is_alive() for t in self._threads):
+            self.source.close()
+        self._threads = []
+        self._gen += 1  # an iterator still open raises at its next slot
+        self._outstanding = 0  # no reader is left to write into a slot (nor to answer _drain)

@@ -68,7 +68,7 @@ def run_job(cfg) -> pathlib.Path:
     except Exception as err:
         if signals.caught(grace_s=5.0 if "SLURM_JOB_ID" in os.environ else 0.0):
             # SLURM is requeueing, preempting or cancelling the job and the error came from that
-            # (killed loader workers or W&B service). Die without a result, so the next attempt
+            # (a killed W&B service, say). Die without a result, so the next attempt
             # resumes from the last checkpoint and the sweeper keeps waiting for it.
             print(f"{run_dir.name}: stopped by a signal ({one_line(err)})", file=sys.stderr)
             sys.stderr.flush()
@@ -85,9 +85,9 @@ def run_job(cfg) -> pathlib.Path:
 
 
 def end_wandb() -> None:
-    """End W&B's service threads with the job: the next job of an in-process multirun forks its
-    loader workers, which must not run beside them (saev.data.pipeline, Pipeline._start). Best
-    effort: a service that is already gone (SLURM ended the job's processes) raises here."""
+    """End W&B's service threads with the job, so that the next job of an in-process multirun
+    starts without them. Best effort: a service that is already gone (SLURM ended the job's
+    processes) raises here."""
     if "wandb" not in sys.modules:
         return
     try:
@@ -110,8 +110,8 @@ class SignalWatch:
 
     def handle(self, signum, frame) -> None:
         if os.getpid() != self.pid:
-            # A forked loader worker inherits the handlers; submitit's would checkpoint and
-            # requeue the job a second time from there. SIGTERM ends the worker, SIGUSR2 is ignored.
+            # A forked child inherits the handlers; submitit's would checkpoint and requeue the
+            # job a second time from there. SIGTERM ends the child, SIGUSR2 is ignored.
             if signum == signal.SIGTERM:
                 os._exit(143)
             return
@@ -124,8 +124,8 @@ class SignalWatch:
             os.kill(os.getpid(), signum)
 
     def caught(self, grace_s: float) -> bool:
-        """Whether one came, waiting up to `grace_s` for it: the job's other processes (loader
-        workers, the W&B service) may receive theirs and fail first."""
+        """Whether one came, waiting up to `grace_s` for it: the job's other processes (the W&B
+        service) may receive theirs and fail first."""
         end = time.monotonic() + grace_s
         while not self.flag.is_set() and time.monotonic() < end:
             time.sleep(0.1)  # sleep, unlike a lock wait, lets the handler run

@@ -25,7 +25,7 @@ class VisualizeData:
     batch_size: int = 4096
     """Tokens per SAE forward pass; the dense [batch_size, d_sae] latents stay on the device."""
     n_workers: int = 2
-    """Reader processes of the ordered loader (0 reads in the main process)."""
+    """Reader threads of the ordered loader (0 reads in the main thread)."""
     root: str | None = None
     """The image dataset's root (record.py's data.root) if it moved since recording; None: the
     root in the shards' metadata.json. Images are found through their examples.jsonl."""
