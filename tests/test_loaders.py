@@ -583,25 +583,6 @@ def test_pread_maps_nothing_and_prefetches_every_range(tmp_path, ranges_path, mo
     assert asked == [[[0, 1, 3], [0, 6, 6], [12, 6, 6]]]
 
 
-@pytest.mark.parametrize("read", ["mmap", "pread"])
-def test_a_source_pickles_without_its_files(tmp_path, ranges_path, read):
-    """A copy of a Source opens its own descriptors and maps, and reads the same rows."""
-    import pickle
-
-    root, stored = make_shards(tmp_path, layers=(3,))
-    shard_set = shards.open_shards(root)
-    source = Source(shard_set, Layout.make(select(shard_set.metadata, 3, "all"), 32, 128), read)
-    units = np.array([0, 1, 8, 22])
-    source.fill(units, np.empty((4 * 6, 8), dtype=np.float32))
-    assert source._fds or source._maps
-    copy = pickle.loads(pickle.dumps(source))
-    assert not copy._fds and not copy._maps and not copy._flat
-    dst = np.empty((4 * 6, 8), dtype=np.float32)
-    assert copy.fill(units, dst)[0] == 0
-    np.testing.assert_array_equal(dst.reshape(4, 6, 8), stored[units, 0])
-    source.close(), copy.close()
-
-
 def test_auto_read_maps_sets_that_fit_in_half_the_memory(tmp_path, monkeypatch):
     root, _ = make_shards(tmp_path)
     n_bytes = sum(f.path.stat().st_size for f in shards.open_shards(root).files)

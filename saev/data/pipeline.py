@@ -169,7 +169,7 @@ class Source:
     halves the work here and doubles the rows a buffer holds). One Source serves a loader's reader
     threads and its main thread: files (and memmaps) are opened once per shard, read-only, on first
     use (under a lock) and shared; each thread has its own pread scratch buffer. `read` is "mmap"
-    or "pread" (`resolve_read`). It pickles without its descriptors and maps (a copy opens its own).
+    or "pread" (`resolve_read`).
     """
 
     def __init__(self, shard_set: shards.ShardSet, layout: Layout, read: str = "mmap"):
@@ -181,26 +181,11 @@ class Source:
         # Read once, here (tests shrink them to reach every path).
         self.small_run_bytes, self.scratch_bytes = SMALL_RUN_BYTES, SCRATCH_BYTES
         allow_open_files(len(shard_set.files))
-        self._open_nothing()
-
-    def _open_nothing(self) -> None:
         self._flat: dict[int, np.ndarray] = {}
         self._fds: dict[int, int] = {}
         self._maps: dict[int, mmap.mmap] = {}
         self._opening = threading.Lock()  # two readers must not open the same shard twice
         self._local = threading.local()  # each thread's scratch_RD
-
-    def __getstate__(self) -> dict:
-        """What a copy needs to open the files itself (descriptors and maps stay here)."""
-        state = self.__dict__.copy()
-        for key in ("_flat", "_fds", "_maps", "_opening", "_local"):
-            del state[key]
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        allow_open_files(len(self.shard_set.files))
-        self._open_nothing()
 
     def close(self) -> None:
         """Close the descriptors and drop the maps (a later fill opens them again). Only when no
