@@ -44,10 +44,11 @@ def shard_root(tmp_path_factory) -> pathlib.Path:
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    # SLURM tests first, then the other slow ones: the two xdist workers then end on short tests
-    # together, instead of one idling while the other finishes a minutes-long test collected last
-    # (test_sweep.py's time-limit test waits on SLURM for 4-5 minutes). A stable sort: each
-    # worker collects the same order, as xdist requires.
+    # SLURM tests first, then the other slow ones: they start at once, and the work-stealing
+    # workers (pyproject's --dist worksteal) end on short tests together, instead of one idling
+    # while the other finishes a minutes-long test collected last (test_sweep.py's time-limit
+    # test waits on SLURM for 1.5-2.5 minutes). A stable sort: each worker collects the same
+    # order, as xdist requires.
     items.sort(
         key=lambda item: 0 if "slurm" in item.keywords else 1 if "slow" in item.keywords else 2
     )
